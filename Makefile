@@ -1,0 +1,127 @@
+# Developer entry points.  Every target is idempotent: a second call is fast because pip only
+# runs when the requirements file it installs has changed (stamp file named after its hash).
+#
+#   make run        set up .venv, build the sample run if missing, start the dashboard
+#   make test       set up everything (incl. Debian chromium when root), lint, whole test suite
+#   make test-fast  same, without the tests marked slow
+#   make test PYTEST_ARGS="-m 'not slow' -k dashboard"   extra pytest arguments
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check
+
+REQ := requirements.txt
+TEST_REQ := requirements-test.txt
+# Short content hashes: a stamp is valid only for the exact requirements it was made from.
+REQ_HASH := $(shell sha256sum $(REQ) 2>/dev/null | cut -c1-16)
+TEST_REQ_HASH := $(shell sha256sum $(TEST_REQ) 2>/dev/null | cut -c1-16)
+STAMP := $(VENV)/.installed-req-$(REQ_HASH)
+TEST_STAMP := $(VENV)/.installed-test-$(TEST_REQ_HASH)
+
+CHROMIUM := /usr/bin/chromium
+
+SAMPLE_CONFIG := sample_data/digits/config.toml
+SAMPLE_RUN := runs/digits
+SAMPLE_MANIFEST := $(SAMPLE_RUN)/manifest.json
+
+STREAMLIT_ARGS := --server.headless true --server.address 127.0.0.1 --server.port 8501 \
+	--browser.gatherUsageStats false
+
+PYTEST_ARGS ?=
+
+.PHONY: help venv test-deps chromium sample-run run lint test test-fast clean distclean
+
+help:
+	@echo "make run        set up .venv, build $(SAMPLE_RUN) if missing, start the dashboard"
+	@echo "                on http://127.0.0.1:8501"
+	@echo "make test       set up everything (incl. Debian chromium when root), lint, all tests"
+	@echo "make test-fast  same as test, without the tests marked slow"
+	@echo "make lint       ruff check . and hadolint Dockerfile"
+	@echo "make sample-run build $(SAMPLE_RUN) if $(SAMPLE_MANIFEST) is missing"
+	@echo "make clean      remove runs/ and caches (keeps .venv); distclean also removes .venv"
+
+# --- environment -------------------------------------------------------------------------
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(REQ) | $(PY)
+	$(PIP_INSTALL) -r $(REQ)
+	rm -f $(VENV)/.installed-req-*
+	touch $@
+
+$(TEST_STAMP): $(TEST_REQ) $(STAMP)
+	$(PIP_INSTALL) -r $(TEST_REQ)
+	rm -f $(VENV)/.installed-test-*
+	touch $@
+
+venv: $(STAMP)
+
+chromium:
+	@if [ -x $(CHROMIUM) ]; then \
+		: ; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Debian chromium (needed by the browser tests)..."; \
+		apt-get update; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "WARNING: $(CHROMIUM) is missing and you are not root, so it cannot be installed"; \
+		echo "         automatically. Install it with:  sudo apt-get install -y chromium"; \
+		echo "         Until then the browser tests (marker 'browser') will be skipped."; \
+	fi
+
+test-deps: $(TEST_STAMP) chromium
+
+# --- sample run and dashboard -----------------------------------------------------------
+
+# Built only when the manifest is missing (the engine writes it last, atomically).  A
+# runs/digits folder without a manifest is not a valid run, so it is replaced.
+$(SAMPLE_MANIFEST): | $(STAMP)
+	@if [ -e $(SAMPLE_RUN) ]; then \
+		echo "$(SAMPLE_RUN) has no manifest.json: removing the incomplete run"; \
+		rm -rf $(SAMPLE_RUN); \
+	fi
+	$(PY) -m engine run $(SAMPLE_CONFIG) --out $(SAMPLE_RUN)
+
+sample-run: $(SAMPLE_MANIFEST)
+
+run: venv sample-run
+	$(PY) -m streamlit run dashboard/app.py $(STREAMLIT_ARGS)
+
+# --- quality -----------------------------------------------------------------------------
+
+# Both linters always run, so one report shows every finding; either one failing fails lint.
+lint: $(TEST_STAMP)
+	@rc=0; \
+	echo "$(VENV)/bin/ruff check ."; $(VENV)/bin/ruff check . || rc=1; \
+	echo "$(VENV)/bin/hadolint Dockerfile"; $(VENV)/bin/hadolint Dockerfile || rc=1; \
+	exit $$rc
+
+# pytest exit code 5 ("no tests collected") is a failure like any other non-zero code.
+define run_pytest
+	@status=0; $(PY) -m pytest -q $(1) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; \
+	exit $$status
+endef
+
+test: test-deps lint
+	$(call run_pytest,$(PYTEST_ARGS))
+
+test-fast: test-deps lint
+	$(call run_pytest,-m "not slow" $(PYTEST_ARGS))
+
+# --- cleanup -----------------------------------------------------------------------------
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache test-artifacts benchmarks/out
+	find . -path ./$(VENV) -prune -o \
+		\( -name __pycache__ -o -name '*.egg-info' \) -type d -print0 | xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV)

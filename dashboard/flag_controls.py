@@ -1,0 +1,94 @@
+"""Flagging widgets: reason / note inputs, the checkbox table (``st.data_editor``) and
+"flag all shown" with a confirmation step.
+
+Edits are written to the SQLite store in ``on_change`` callbacks keyed by example id (the editor
+reports row positions, so positions are mapped through the ids of the frame it was given).  The
+checkbox column is rebuilt from the store on every run, and the editor key changes whenever the
+rows or their flags change, so the editor never shows stale state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import session
+from dashboard.flags import REASONS, FlagStore
+from engine.artifacts import Run
+
+REASON_KEY = "flag_reason"
+NOTE_KEY = "flag_note"
+CONFIRM_KEY = "flag_all_pending"
+
+
+def reason_inputs(container: st.delta_generator.DeltaGenerator | None = None) -> None:
+    """Reason (select) and optional note used for every new flag in this session."""
+    where = container or st
+    c1, c2 = where.columns([1, 2])
+    c1.selectbox("Reason for new flags", REASONS, key=REASON_KEY, persist_state="session")
+    c2.text_input("Note for new flags (optional)", key=NOTE_KEY, persist_state="session")
+
+
+def _reason() -> tuple[str, str]:
+    return (st.session_state.get(REASON_KEY) or REASONS[0],
+            st.session_state.get(NOTE_KEY) or "")
+
+
+def _persist_edits(editor_key: str, ids: Sequence[str], store: FlagStore, run_id: str,
+                   test_id: str | None) -> None:
+    """``on_change`` of the editor: write checked / unchecked boxes to the store."""
+    edits = (st.session_state.get(editor_key) or {}).get("edited_rows", {})
+    to_flag, to_unflag = [], []
+    for pos, change in edits.items():
+        if "flagged" not in change:
+            continue
+        (to_flag if change["flagged"] else to_unflag).append(ids[int(pos)])
+    reason, note = _reason()
+    user = session.user_name()
+    store.flag(run_id, to_flag, reason, note, user, test_id)
+    store.unflag(run_id, to_unflag, user)
+
+
+def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: dict,
+                key: str, test_id: str | None, height: int | str = "auto") -> None:
+    """Editable table: ``display`` plus a leading ``flagged`` checkbox column taken from
+    ``frame["flagged"]`` (same row order as ``display``)."""
+    ids = tuple(frame["example_id"])
+    flagged = frame["flagged"].to_numpy(dtype=bool)
+    signature = hashlib.sha1(repr((run.run_id, ids, flagged.tobytes())).encode()).hexdigest()
+    editor_key = f"{key}_{signature[:12]}"
+    table = display.copy()
+    table.insert(0, "flagged", flagged)
+    config = dict(config, flagged=st.column_config.CheckboxColumn(
+        "flag", width=70, help="Tick to flag, untick to unflag (saved at once)"))
+    st.data_editor(
+        table, key=editor_key, hide_index=True, column_config=config, height=height,
+        disabled=[c for c in table.columns if c != "flagged"], row_height=40,
+        on_change=_persist_edits,
+        args=(editor_key, ids, session.flag_store(run), run.run_id, test_id))
+
+
+def _flag_all(store: FlagStore, run_id: str, ids: Sequence[str], test_id: str | None) -> None:
+    reason, note = _reason()
+    store.flag(run_id, ids, reason, note, session.user_name(), test_id, overwrite=False)
+    st.session_state.pop(CONFIRM_KEY, None)
+    st.toast(f"Flagged {len(ids)} examples as {reason!r}")
+
+
+def flag_all_shown(run: Run, ids: Sequence[str], test_id: str | None) -> None:
+    """"Flag all N shown" button; flags only after an explicit confirmation.  Examples that are
+    already flagged keep their reason."""
+    ids = tuple(ids)
+    if st.button(f"Flag all {len(ids)} shown…", key="flag_all", disabled=not ids):
+        st.session_state[CONFIRM_KEY] = ids
+    if st.session_state.get(CONFIRM_KEY) == ids and ids:
+        reason, _ = _reason()
+        st.warning(f"Flag all {len(ids)} examples shown as **{reason}**?")
+        c1, c2, _ = st.columns([1, 1, 4])
+        c1.button("Confirm", key="flag_all_confirm", type="primary", on_click=_flag_all,
+                  args=(session.flag_store(run), run.run_id, ids, test_id))
+        c2.button("Cancel", key="flag_all_cancel",
+                  on_click=lambda: st.session_state.pop(CONFIRM_KEY, None))

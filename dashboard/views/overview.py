@@ -1,0 +1,129 @@
+"""Overview: what the run is, how well it converged and predicts, what validation says, and
+which parts of the pretraining data help or hurt overall (including "false transfer")."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import plotly.io as pio
+import streamlit as st
+
+from dashboard import session
+from dashboard.charts import confusion_heatmap, group_influence_bars
+from dashboard.example_display import example_table_view
+from dashboard.filters import aggregate_by_group, most_harmful, most_helpful
+from dashboard.run_details import (
+    confusion_matrix,
+    group_columns,
+    stage_rows,
+    task_description,
+    unconverged_stages,
+)
+
+run = session.current_run()
+manifest = run.manifest
+metrics = manifest.get("metrics") or {}
+
+st.title(f"Run `{run.path.name}`")
+st.caption(f"run_id `{run.run_id}` · created {manifest.get('created_at', '?')} · {run.path}")
+st.markdown(f"**Task:** {task_description(run)}")
+
+c = st.columns(6)
+c[0].metric("Scenario", str(manifest.get("scenario", "?")))
+c[1].metric("alpha", str(manifest.get("alpha", "–")))
+acc = metrics.get("test_accuracy")
+c[2].metric("Test accuracy", f"{acc:.1%}" if isinstance(acc, (int, float)) else "–")
+n_mis = metrics.get("n_misclassified", int((~run.test_points["correct"].astype(bool)).sum()))
+c[3].metric("Misclassified", f"{n_mis} / {run.n_test}")
+c[4].metric("Pretraining examples", f"{run.n_pretrain:,}")
+c[5].metric("Measurement", str(manifest.get("measurement", "loss")))
+
+for stage in unconverged_stages(run):
+    info = (manifest.get("stages") or {}).get(stage) or {}
+    st.warning(
+        f"**The {stage} stage did not converge** (final gradient norm "
+        f"{info.get('final_grad_norm', '?')}, tolerance {info.get('tolerance', '?')}, "
+        f"{info.get('iterations', '?')} iterations): its influence scores are less reliable.",
+        icon=":material/warning:")
+
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("Solver and convergence")
+    stages = stage_rows(run)
+    if stages.empty:
+        st.info("The manifest records no per-stage solver information.")
+    else:
+        st.dataframe(stages, hide_index=True, key="stage_table")
+    details = {k: manifest.get(k) for k in ("tracked_backbone", "approximation") if k in manifest}
+    details.update({k: v for k, v in metrics.items() if k.endswith("train_accuracy")})
+    if details:
+        st.caption(" · ".join(f"{k}: {v}" for k, v in details.items()))
+    if manifest.get("excluded_ids"):
+        st.caption(f"This run excluded {len(manifest['excluded_ids'])} pretraining examples.")
+with right:
+    st.plotly_chart(confusion_heatmap(confusion_matrix(run)), key="confusion",
+                    config={"displayModeBar": False})
+
+st.subheader("Validation")
+validation = run.validation
+if not validation:
+    st.info(f"No validation results for this run. Produce them with "
+            f"`python -m engine validate {run.path}` (writes `validation/summary.json`).")
+elif "error" in validation:
+    st.error(validation["error"])
+else:
+    checks = pd.DataFrame(validation.get("checks") or [])
+    if checks.empty:
+        st.info("validation/summary.json lists no checks.")
+    else:
+        n_pass = int(checks["passed"].astype(bool).sum()) if "passed" in checks else 0
+        (st.success if n_pass == len(checks) else st.warning)(
+            f"{n_pass} of {len(checks)} validation checks passed.")
+        if "passed" in checks:
+            checks.insert(0, "result", checks["passed"].map({True: "pass", False: "FAIL"}))
+        st.dataframe(checks, hide_index=True, key="validation_table")
+    scatter = run.path / "validation" / "loo_scatter.json"
+    if scatter.is_file():
+        try:
+            st.plotly_chart(pio.from_json(scatter.read_text()), key="loo_scatter")
+        except (ValueError, json.JSONDecodeError) as exc:
+            st.error(f"Cannot read {scatter}: {exc}")
+
+st.subheader("Which pretraining data help or hurt overall")
+all_inf = session.influence_over(run.run_id, "all", run)
+mis_inf = session.influence_over(run.run_id, "misclassified", run)
+groups = group_columns(run)
+key = st.radio("Group by", groups, key="ov_group", horizontal=True,
+               help="Pretraining label or a metadata column of the pretraining table")
+agg_all = aggregate_by_group(all_inf, key)
+agg_mis = aggregate_by_group(mis_inf, key)
+axis = "label_name" if key == "label" else key
+st.plotly_chart(group_influence_bars({f"all {run.n_test} test points": agg_all,
+                                      f"{n_mis} misclassified test points": agg_mis}, axis),
+                key="group_bars", config={"displayModeBar": False})
+st.caption("Each bar: mean over the test points of the summed scores of the group's examples = "
+           "predicted change of the mean test loss if the whole group were removed (first "
+           "order). Negative (harmful) groups are candidates for cleaning.")
+merged = agg_all.merge(agg_mis, on=[c for c in agg_all.columns if c in (key, "label_name",
+                                                                         "n_examples")],
+                       suffixes=(" (all)", " (misclassified)"))
+st.dataframe(merged, hide_index=True, key="group_table",
+             column_config={c: st.column_config.NumberColumn(format="%.3e")
+                            for c in merged.columns if c.startswith(("total", "pretrained",
+                                                                     "finetuned"))})
+
+st.subheader("False transfer: pretraining examples behind the misclassified test points")
+if n_mis == 0:
+    st.info("No misclassified test points: nothing to trace.")
+else:
+    st.caption(f"Scores averaged over the {n_mis} misclassified test points; `n_harmed` / "
+               "`n_helped`: how many of them the example harms / helps.")
+    k = st.slider("Examples per list", 5, 50, 10, key="ov_k")
+    cols = ("total", "pretrained_term", "finetuned_term")
+    extra = ["n_harmed", "n_helped"] + [c for c in groups if c != "label"]
+    for title, frame, tkey in (("Most harmful", most_harmful(mis_inf, k), "ov_harmful"),
+                               ("Most helpful", most_helpful(mis_inf, k), "ov_helpful")):
+        st.markdown(f"**{title}**")
+        display, config = example_table_view(run, frame, cols, extra)
+        st.dataframe(display, hide_index=True, column_config=config, key=tkey, row_height=40)

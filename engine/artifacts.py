@@ -1,0 +1,268 @@
+"""On-disk run artifacts: the only interface between the engine and the dashboard.
+
+A run directory holds::
+
+    manifest.json              settings, convergence, timings, hashes, schema version
+    test_points.parquet        one row per scored test point (rows of the score matrices)
+    pretrain_examples.parquet  one row per pretraining example (columns of the score matrices)
+    scores/total.npy           (n_test, n_pretrain) float32, = pretrained_term + finetuned_term
+    scores/pretrained_term.npy (n_test, n_pretrain) float32
+    scores/finetuned_term.npy  (n_test, n_pretrain) float32
+    map/pretrain_xy.npy        (n_pretrain, 2) float32, 2-D map coordinates
+    map/test_xy.npy            (n_test, 2) float32
+    validation/                optional, written by ``python -m engine validate``
+
+A run is written into a temporary sibling directory and renamed into place only once every file
+is complete, so a crash never leaves a half-written directory that looks like a run.  The loader
+checks the schema version, the shapes and the SHA-256 of every file listed in the manifest, and
+refuses anything partial or mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+SCORE_CONVENTION = (
+    "score = predicted change of the test loss if the pretraining example is removed and both "
+    "stages are retrained; score > 0: removing it would raise the test loss, so the example is "
+    "helpful; score < 0: removing it would lower the test loss, so the example is harmful. "
+    "total = pretrained_term + finetuned_term."
+)
+
+SCORE_NAMES = ("total", "pretrained_term", "finetuned_term")
+MANIFEST = "manifest.json"
+TEST_TABLE = "test_points.parquet"
+PRETRAIN_TABLE = "pretrain_examples.parquet"
+TEST_REQUIRED = ("test_id", "label", "pred", "loss", "correct")
+PRETRAIN_REQUIRED = ("example_id", "label")
+
+
+class RunError(ValueError):
+    """A run directory is missing, partial, corrupted or of an incompatible schema."""
+
+
+@dataclass
+class Run:
+    """A loaded run: tables in memory, score matrices memory-mapped read-only."""
+
+    path: Path
+    manifest: dict[str, Any]
+    test_points: pd.DataFrame
+    pretrain_examples: pd.DataFrame
+    scores: dict[str, np.ndarray]
+    pretrain_xy: np.ndarray
+    test_xy: np.ndarray
+    validation: dict[str, Any] | None = field(default=None)
+
+    @property
+    def run_id(self) -> str:
+        """Content hash that identifies this run (flags and exports are keyed by it)."""
+        return str(self.manifest["run_id"])
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_points)
+
+    @property
+    def n_pretrain(self) -> int:
+        return len(self.pretrain_examples)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in chunks so large score matrices never sit in memory twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_table(df: pd.DataFrame, required: tuple[str, ...], id_col: str, name: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise RunError(f"{name} lacks required columns {missing}")
+    ids = df[id_col].astype(str)
+    if ids.duplicated().any():
+        dup = ids[ids.duplicated()].iloc[0]
+        raise RunError(f"{name} has duplicate {id_col} {dup!r}")
+
+
+def write_run(
+    out_dir: str | os.PathLike,
+    manifest: dict[str, Any],
+    test_points: pd.DataFrame,
+    pretrain_examples: pd.DataFrame,
+    scores: dict[str, np.ndarray],
+    pretrain_xy: np.ndarray,
+    test_xy: np.ndarray,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete run atomically and return its path.
+
+    ``manifest`` holds the run's settings; this function adds ``schema_version``, ``files``
+    (SHA-256 per file), ``shapes``, ``run_id`` and ``score_convention``.  An existing ``out_dir``
+    is replaced only when ``overwrite`` is true, and only after the new run is complete.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise RunError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    n_test, n_pre = len(test_points), len(pretrain_examples)
+    _check_table(test_points, TEST_REQUIRED, "test_id", TEST_TABLE)
+    _check_table(pretrain_examples, PRETRAIN_REQUIRED, "example_id", PRETRAIN_TABLE)
+    if set(scores) != set(SCORE_NAMES):
+        raise RunError(f"scores must be exactly {SCORE_NAMES}, got {sorted(scores)}")
+    for name, arr in scores.items():
+        if arr.shape != (n_test, n_pre):
+            raise RunError(f"scores[{name!r}] has shape {arr.shape}, expected {(n_test, n_pre)}")
+        if not np.all(np.isfinite(arr)):
+            raise RunError(f"scores[{name!r}] contains NaN or infinite values")
+    if pretrain_xy.shape != (n_pre, 2) or test_xy.shape != (n_test, 2):
+        raise RunError("map coordinates must have shapes (n_pretrain, 2) and (n_test, 2)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "scores").mkdir()
+        (tmp / "map").mkdir()
+        test_points = test_points.assign(test_id=test_points["test_id"].astype(str))
+        pretrain_examples = pretrain_examples.assign(
+            example_id=pretrain_examples["example_id"].astype(str)
+        )
+        test_points.to_parquet(tmp / TEST_TABLE, index=False)
+        pretrain_examples.to_parquet(tmp / PRETRAIN_TABLE, index=False)
+        for name in SCORE_NAMES:
+            np.save(tmp / "scores" / f"{name}.npy", np.ascontiguousarray(scores[name], np.float32))
+        np.save(tmp / "map" / "pretrain_xy.npy", np.asarray(pretrain_xy, np.float32))
+        np.save(tmp / "map" / "test_xy.npy", np.asarray(test_xy, np.float32))
+        files = {
+            str(p.relative_to(tmp)): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        run_id = hashlib.sha256(
+            json.dumps([files, manifest.get("config")], sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+        full = dict(manifest)
+        full.update(
+            schema_version=SCHEMA_VERSION,
+            run_id=run_id,
+            score_convention=SCORE_CONVENTION,
+            shapes={"n_test": n_test, "n_pretrain": n_pre},
+            files=files,
+        )
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+        if out.exists():
+            # Swap in two renames so the old run is never deleted before the new one is in place.
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "run")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and minimally validate ``manifest.json`` (existence, JSON, schema version)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunError(
+            f"run directory {path} does not exist; create it with "
+            f"`python -m engine run CONFIG --out {path}`"
+        )
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        partial = " (it looks like an interrupted or partial run)" if any(path.iterdir()) else ""
+        raise RunError(f"{path} has no {MANIFEST}{partial}; re-run `python -m engine run`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{mpath} is not valid JSON ({exc}); re-run `python -m engine run`") from exc
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunError(
+            f"{path} has schema version {version!r}; this tool reads version {SCHEMA_VERSION}. "
+            "Re-create the run with this version of the engine."
+        )
+    for key in ("files", "shapes", "run_id"):
+        if key not in manifest:
+            raise RunError(f"{mpath} lacks {key!r}; the run is incomplete")
+    return manifest
+
+
+def verify_files(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Compare every file listed in the manifest with its recorded SHA-256."""
+    for rel, digest in manifest["files"].items():
+        p = run_dir / rel
+        if not p.is_file():
+            raise RunError(f"{run_dir} is missing {rel}; the run is partial. Re-run it.")
+        if sha256_file(p) != digest:
+            raise RunError(
+                f"{p} does not match the hash recorded in the manifest: the run was modified or "
+                "mixed with files of another run. Re-run `python -m engine run`."
+            )
+
+
+def load_run(run_dir: str | os.PathLike, verify_hashes: bool = True) -> Run:
+    """Load a run for reading: validates schema, hashes and shapes; memory-maps the scores."""
+    path = Path(run_dir).resolve()
+    manifest = read_manifest(path)
+    if verify_hashes:
+        verify_files(path, manifest)
+    n_test = manifest["shapes"]["n_test"]
+    n_pre = manifest["shapes"]["n_pretrain"]
+    try:
+        test_points = pd.read_parquet(path / TEST_TABLE)
+        pretrain = pd.read_parquet(path / PRETRAIN_TABLE)
+        scores = {
+            n: np.load(path / "scores" / f"{n}.npy", mmap_mode="r") for n in SCORE_NAMES
+        }
+        pretrain_xy = np.load(path / "map" / "pretrain_xy.npy", mmap_mode="r")
+        test_xy = np.load(path / "map" / "test_xy.npy", mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read run {path}: {exc}. Re-run `python -m engine run`.") from exc
+    _check_table(test_points, TEST_REQUIRED, "test_id", TEST_TABLE)
+    _check_table(pretrain, PRETRAIN_REQUIRED, "example_id", PRETRAIN_TABLE)
+    if len(test_points) != n_test or len(pretrain) != n_pre:
+        raise RunError(
+            f"{path}: tables have {len(test_points)} test / {len(pretrain)} pretraining rows, "
+            f"manifest says {n_test} / {n_pre}"
+        )
+    for n, arr in scores.items():
+        if arr.shape != (n_test, n_pre):
+            raise RunError(f"{path}: scores/{n}.npy has shape {arr.shape}, expected {(n_test, n_pre)}")
+    if pretrain_xy.shape != (n_pre, 2) or test_xy.shape != (n_test, 2):
+        raise RunError(f"{path}: map coordinates do not match the tables")
+    validation = None
+    vpath = path / "validation" / "summary.json"
+    if vpath.is_file():
+        try:
+            validation = json.loads(vpath.read_text())
+        except json.JSONDecodeError:
+            validation = {"error": f"{vpath} is not valid JSON"}
+    return Run(path, manifest, test_points, pretrain, scores, pretrain_xy, test_xy, validation)
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """Run directories (those with a manifest) directly under ``runs_dir``, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()
+            and not p.name.startswith(".")]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)

@@ -1,0 +1,436 @@
+"""TOML run configuration, parsed with stdlib ``tomllib`` into frozen dataclasses.
+
+Every key except the three ``[data]`` file paths has a default.  Unknown keys and sections,
+wrong types and out-of-range values raise :class:`ConfigError` naming the file and
+``[section] key``, e.g. ``config.toml: [finetune] scenario = 'foo' is not one of fixed,
+updated``, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from engine.data import label_key
+
+DTYPES = ("float64", "float32")
+RENDERS = ("image", "text", "none")
+# Smooth activations only: influence functions need second derivatives of the loss.
+ACTIVATIONS = ("tanh", "softplus", "gelu", "sigmoid")
+SCENARIOS = ("fixed", "updated")
+SOLVERS = ("exact", "cg", "lissa")
+MEASUREMENTS = ("loss", "margin", "log_prob")
+TEST_POINT_MODES = ("all", "misclassified")
+MAP_METHODS = ("umap", "pca")
+
+
+class ConfigError(ValueError):
+    """The run configuration is missing, malformed or has an invalid value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where the three tables are and which columns mean what."""
+
+    pretrain: Path
+    finetune_train: Path
+    finetune_test: Path
+    id_column: str = "example_id"
+    label_column: str = "label"
+    feature_prefix: str | None = "px_"  # None when feature_columns is given
+    feature_columns: tuple[str, ...] | None = None
+    metadata_columns: tuple[str, ...] = ()
+    text_column: str | None = None  # "" in the TOML
+    pretrain_classes: tuple[int | str, ...] = tuple(range(10))
+    finetune_classes: tuple[int | str, ...] = ("even", "odd")
+    render: str = "image"
+    image_shape: tuple[int, ...] = (8, 8)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: MLP backbone; its output is the last hidden layer."""
+
+    hidden: tuple[int, ...] = (32,)
+    activation: str = "tanh"
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """``[pretrain]``: L2-regularised training of one stage with L-BFGS."""
+
+    weight_decay: float = 1e-2
+    damping: float = 0.0
+    max_iter: int = 2000
+    tolerance: float = 1e-7  # gradient-norm tolerance for L-BFGS
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(StageConfig):
+    """``[finetune]``: a stage plus whether (and how strongly tied) the backbone is updated."""
+
+    weight_decay: float = 1e-3
+    scenario: str = "fixed"
+    alpha: float = 1.0  # proximal coefficient, only used by scenario = "updated"
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    """``[influence]``: how scores are computed and for which test points."""
+
+    solver: str = "exact"
+    measurement: str = "loss"
+    test_points: str | tuple[str, ...] = "all"  # "all", "misclassified" or test ids
+    batch_size: int = 512
+    tracked_backbone: str | tuple[str, ...] = "all"  # "all" or backbone parameter names
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """``[map]``: the 2-D map of examples shown in the dashboard."""
+
+    method: str = "umap"
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A complete, validated run configuration."""
+
+    data: DataConfig
+    seed: int = 0
+    dtype: str = "float64"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    map: MapConfig = field(default_factory=MapConfig)
+    path: Path | None = None  # the config file this was loaded from
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (paths as strings, tuples as lists), e.g. for a manifest."""
+        return _plain(self)
+
+    def with_overrides(self, scenario: str | None = None, alpha: float | None = None) -> RunConfig:
+        """Copy with command-line overrides applied (None leaves a value as configured).
+
+        Raises:
+            ConfigError: for an invalid override value.
+        """
+        changes: dict[str, Any] = {}
+        r = _Reader("command-line override", "finetune", {})
+        if scenario is not None:
+            changes["scenario"] = r.check_choice("scenario", scenario, SCENARIOS)
+        if alpha is not None:
+            changes["alpha"] = r.check_float("alpha", alpha, low=0.0, strict=True)
+        if not changes:
+            return self
+        return dataclasses.replace(self, finetune=dataclasses.replace(self.finetune, **changes))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run config; data paths are resolved against its directory.
+
+    Raises:
+        ConfigError: naming the file and the offending ``[section] key``.
+    """
+    path = Path(path)
+    name = str(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: config file not found; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{name}: is a directory; pass the config.toml file inside it") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not valid UTF-8 text ({exc})") from None
+
+    sections = {
+        "data": None, "model": ModelConfig, "pretrain": StageConfig, "finetune": FinetuneConfig,
+        "influence": InfluenceConfig, "map": MapConfig,
+    }
+    top = _Reader(name, None, raw)
+    for key, value in raw.items():
+        if key in sections or key in ("seed", "dtype"):
+            continue
+        kind = "section" if isinstance(value, dict) else "key"
+        shown = f"[{key}]" if kind == "section" else key
+        raise ConfigError(
+            f"{name}: unknown {kind} {shown}{_suggest(key, [*sections, 'seed', 'dtype'])} "
+            f"(allowed: seed, dtype, {', '.join(f'[{s}]' for s in sections)})"
+        )
+    tables = {}
+    for sec in sections:
+        value = raw.get(sec, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: {sec} must be a [{sec}] section, not {value!r}")
+        tables[sec] = _Reader(name, sec, value)
+
+    base = path.resolve().parent
+    return RunConfig(
+        seed=top.get_int("seed", 0, low=0),
+        dtype=top.get_choice("dtype", "float64", DTYPES),
+        data=_data(tables["data"], base),
+        model=_model(tables["model"]),
+        pretrain=_stage(tables["pretrain"], StageConfig()),
+        finetune=_finetune(tables["finetune"]),
+        influence=_influence(tables["influence"]),
+        map=_map(tables["map"]),
+        path=path.resolve(),
+    )
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _data(r: _Reader, base: Path) -> DataConfig:
+    r.allow_only([f.name for f in dataclasses.fields(DataConfig)])
+    d = DataConfig(Path(), Path(), Path())  # only for the defaults
+    paths = {}
+    for key in ("pretrain", "finetune_train", "finetune_test"):
+        if key not in r.table:
+            raise ConfigError(
+                f"{r.file}: [data] {key} is required: the path of the {key.replace('_', ' ')} "
+                "table (.parquet or .csv), relative to the config file's directory"
+            )
+        p = Path(r.get_str(key, "", nonempty=True)).expanduser()
+        paths[key] = p if p.is_absolute() else (base / p).resolve()
+
+    id_column = r.get_str("id_column", d.id_column, nonempty=True)
+    label_column = r.get_str("label_column", d.label_column, nonempty=True)
+    if id_column == label_column:
+        r.fail("label_column", label_column, "must differ from [data] id_column")
+    if "feature_prefix" in r.table and "feature_columns" in r.table:
+        raise ConfigError(
+            f"{r.file}: [data] feature_prefix and [data] feature_columns are both set; "
+            "keep exactly one (a prefix such as 'px_', or an explicit list of columns)"
+        )
+    if "feature_columns" in r.table:
+        prefix, columns = None, tuple(r.get_str_list("feature_columns", (), nonempty=True))
+    else:
+        prefix, columns = r.get_str("feature_prefix", d.feature_prefix, nonempty=True), None
+    text_column = r.get_str("text_column", "") or None
+    render = r.get_choice("render", d.render, RENDERS)
+    if render == "text" and text_column is None:
+        r.fail("render", render, "needs [data] text_column, the column holding the text")
+    image_shape = tuple(r.get_int_list("image_shape", d.image_shape))
+    if len(image_shape) not in (2, 3):
+        r.fail("image_shape", list(image_shape),
+               "must be [height, width] or [height, width, channels]")
+    return DataConfig(
+        **paths,
+        id_column=id_column,
+        label_column=label_column,
+        feature_prefix=prefix,
+        feature_columns=columns,
+        metadata_columns=tuple(r.get_str_list("metadata_columns", ())),
+        text_column=text_column,
+        pretrain_classes=r.get_classes("pretrain_classes", d.pretrain_classes),
+        finetune_classes=r.get_classes("finetune_classes", d.finetune_classes),
+        render=render,
+        image_shape=image_shape,
+    )
+
+
+def _model(r: _Reader) -> ModelConfig:
+    r.allow_only([f.name for f in dataclasses.fields(ModelConfig)])
+    d = ModelConfig()
+    hidden = r.get_int_list("hidden", d.hidden)
+    return ModelConfig(hidden=tuple(hidden), activation=r.get_choice("activation", d.activation,
+                                                                 ACTIVATIONS))
+
+
+def _stage_values(r: _Reader, d: StageConfig) -> dict[str, Any]:
+    return dict(
+        weight_decay=r.get_float("weight_decay", d.weight_decay, low=0.0),
+        damping=r.get_float("damping", d.damping, low=0.0),
+        max_iter=r.get_int("max_iter", d.max_iter, low=1),
+        tolerance=r.get_float("tolerance", d.tolerance, low=0.0, strict=True),
+    )
+
+
+def _stage(r: _Reader, d: StageConfig) -> StageConfig:
+    r.allow_only([f.name for f in dataclasses.fields(StageConfig)])
+    return StageConfig(**_stage_values(r, d))
+
+
+def _finetune(r: _Reader) -> FinetuneConfig:
+    r.allow_only([f.name for f in dataclasses.fields(FinetuneConfig)])
+    d = FinetuneConfig()
+    return FinetuneConfig(
+        **_stage_values(r, d),
+        scenario=r.get_choice("scenario", d.scenario, SCENARIOS),
+        # Checked even under "fixed" so switching to --scenario updated cannot hit a bad alpha.
+        alpha=r.get_float("alpha", d.alpha, low=0.0, strict=True),
+    )
+
+
+def _influence(r: _Reader) -> InfluenceConfig:
+    r.allow_only([f.name for f in dataclasses.fields(InfluenceConfig)])
+    d = InfluenceConfig()
+    return InfluenceConfig(
+        solver=r.get_choice("solver", d.solver, SOLVERS),
+        measurement=r.get_choice("measurement", d.measurement, MEASUREMENTS),
+        test_points=r.get_mode_or_list("test_points", TEST_POINT_MODES, "test ids", ids=True),
+        batch_size=r.get_int("batch_size", d.batch_size, low=1),
+        tracked_backbone=r.get_mode_or_list("tracked_backbone", ("all",), "parameter names"),
+    )
+
+
+def _map(r: _Reader) -> MapConfig:
+    r.allow_only([f.name for f in dataclasses.fields(MapConfig)])
+    d = MapConfig()
+    return MapConfig(
+        method=r.get_choice("method", d.method, MAP_METHODS),
+        n_neighbors=r.get_int("n_neighbors", d.n_neighbors, low=2),
+        min_dist=r.get_float("min_dist", d.min_dist, low=0.0, high=1.0),
+    )
+
+
+# --- value checking --------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads typed values out of one TOML table; every error names file, section and key."""
+
+    def __init__(self, file: str, section: str | None, table: dict[str, Any]) -> None:
+        self.file = file
+        self.section = section
+        self.table = table
+
+    def where(self, key: str) -> str:
+        return f"[{self.section}] {key}" if self.section else key
+
+    def fail(self, key: str, value: Any, problem: str) -> NoReturn:
+        raise ConfigError(f"{self.file}: {self.where(key)} = {value!r} {problem}")
+
+    def allow_only(self, allowed: list[str]) -> None:
+        for key in self.table:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{self.file}: unknown key {self.where(key)}{_suggest(key, allowed)} "
+                    f"(allowed in [{self.section}]: {', '.join(allowed)})"
+                )
+
+    # Each getter returns the default when the key is absent, else the checked value.
+
+    def get_choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        return self.check_choice(key, self.table.get(key, default), choices)
+
+    def check_choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            self.fail(key, value, f"is not one of {', '.join(choices)}")
+        return value
+
+    def get_str(self, key: str, default: str, *, nonempty: bool = False) -> str:
+        value = self.table.get(key, default)
+        if not isinstance(value, str):
+            self.fail(key, value, "must be a string (in quotes)")
+        if nonempty and not value.strip():
+            self.fail(key, value, "must not be empty")
+        return value
+
+    def get_int(self, key: str, default: int, *, low: int) -> int:
+        value = self.table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, value, "must be an integer")
+        if value < low:
+            self.fail(key, value, f"must be >= {low}")
+        return value
+
+    def get_float(
+        self, key: str, default: float, *, low: float, high: float | None = None,
+        strict: bool = False,
+    ) -> float:
+        value = self.table.get(key, default)
+        return self.check_float(key, value, low=low, high=high, strict=strict)
+
+    def check_float(
+        self, key: str, value: Any, *, low: float, high: float | None = None,
+        strict: bool = False,
+    ) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, value, "must be a number")
+        if not math.isfinite(value):
+            self.fail(key, value, "must be a finite number")
+        if value < low or (strict and value == low):
+            self.fail(key, value, f"must be {'>' if strict else '>='} {low:g}")
+        if high is not None and value > high:
+            self.fail(key, value, f"must be <= {high:g}")
+        return float(value)
+
+    def get_int_list(self, key: str, default: tuple[int, ...]) -> list[int]:
+        value = self.table.get(key, list(default))
+        if (not isinstance(value, list) or not value
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+            self.fail(key, value, "must be a non-empty list of positive integers")
+        return value
+
+    def get_str_list(
+        self, key: str, default: tuple[str, ...], *, nonempty: bool = False
+    ) -> list[str]:
+        value = self.table.get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(key, value, "must be a list of column names (strings)")
+        if nonempty and not value:
+            self.fail(key, value, "must list at least one column")
+        self._unique(key, value, value)
+        return value
+
+    def get_classes(self, key: str, default: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        value = self.table.get(key, list(default))
+        if (not isinstance(value, list)
+                or any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in value)):
+            self.fail(key, value, "must be a list of class values (integers or strings)")
+        if len(value) < 2:
+            self.fail(key, value, "must declare at least two classes")
+        # 3 and "3" would both match a label 3 in the file (see data.label_key).
+        self._unique(key, value, [label_key(v) for v in value])
+        return tuple(value)
+
+    def get_mode_or_list(
+        self, key: str, modes: tuple[str, ...], what: str, *, ids: bool = False
+    ) -> str | tuple[str, ...]:
+        value = self.table.get(key, modes[0])
+        if isinstance(value, str):
+            return self.check_choice(key, value, modes)
+        allowed = (int, str) if ids else (str,)  # integer ids are fine: ids are read as text
+        if (not isinstance(value, list) or not value
+                or any(isinstance(v, bool) or not isinstance(v, allowed) for v in value)):
+            self.fail(key, value, f"must be one of {', '.join(modes)} or a non-empty list of "
+                                  f"{what} (strings)")
+        items = [str(v) for v in value]
+        self._unique(key, value, items)
+        return tuple(items)
+
+    def _unique(self, key: str, value: list, keys: list) -> None:
+        seen: set = set()
+        for v, k in zip(value, keys, strict=True):
+            if k in seen:
+                self.fail(key, value, f"lists {v!r} more than once")
+            seen.add(k)
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, Paths -> str, tuples -> lists, recursively."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
