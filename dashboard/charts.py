@@ -29,7 +29,7 @@ def _hover(frame: pd.DataFrame) -> list[str]:
 
 
 def influence_map(sample: pd.DataFrame, xy: np.ndarray, test_xy: tuple[float, float] | None,
-                  test_id: str, n_total: int) -> go.Figure:
+                  test_id: str) -> go.Figure:
     """2-D map of pretraining examples (``sample`` rows, coordinates ``xy[sample.row]``)
     coloured by their total score on the test point, which is drawn as a star.
 
@@ -54,12 +54,8 @@ def influence_map(sample: pd.DataFrame, xy: np.ndarray, test_xy: tuple[float, fl
             x=[test_xy[0]], y=[test_xy[1]], mode="markers", name=f"test point {test_id}",
             hoverinfo="name", marker=dict(symbol="star", size=18, color="#111",
                                           line=dict(width=1.5, color="#ffd700"))))
-    shown = f"{len(sample):,} of {n_total:,} examples" if len(sample) < n_total else \
-        f"{n_total:,} examples"
     fig.update_layout(
-        title=dict(text=f"Map: influence on {test_id} ({shown}; box/lasso to filter the table)",
-                   font=dict(size=13)),
-        dragmode="select", height=430, margin=_MARGIN, showlegend=True,
+        dragmode="select", height=430, margin=dict(l=10, r=10, t=30, b=10), showlegend=True,
         legend=dict(orientation="h", y=-0.05), xaxis=dict(showticklabels=False),
         yaxis=dict(showticklabels=False))
     return fig
@@ -116,11 +112,15 @@ def term_split_bars(frame: pd.DataFrame, max_rows: int = 30) -> go.Figure:
                                ("finetuned_term", "/", "finetuned_term (hatched)")):
         vals = part[col].to_numpy(dtype=float)
         fig.add_trace(go.Bar(
-            y=y, x=vals, orientation="h", name=name,
+            y=y, x=vals, orientation="h", name=name, showlegend=False,
             marker=dict(color=[sign_color(v) for v in vals],
                         pattern=dict(shape=pattern, fgcolor="#fff", size=5),
                         line=dict(color="#333", width=0.5)),
             hovertemplate=f"%{{y}}<br>{col} %{{x:.3g}}<extra></extra>"))
+        # Legend entry in neutral grey: the bar colours themselves encode the sign.
+        fig.add_trace(go.Bar(y=[None], x=[None], orientation="h", name=name,
+                             marker=dict(color="#999", pattern=dict(shape=pattern, fgcolor="#fff",
+                                                                    size=5))))
     fig.add_trace(go.Scatter(y=y, x=part["total"], mode="markers", name="total",
                              marker=dict(symbol="diamond", color="#111", size=8),
                              hovertemplate="%{y}<br>total %{x:.3g}<extra></extra>"))

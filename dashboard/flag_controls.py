@@ -10,7 +10,9 @@ rows or their flags change, so the editor never shows stale state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -22,11 +24,33 @@ from engine.artifacts import Run
 REASON_KEY = "flag_reason"
 NOTE_KEY = "flag_note"
 CONFIRM_KEY = "flag_all_pending"
+ERROR_KEY = "flag_store_error"
+
+
+def guarded_write(write: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Run a flag-store write; on failure (read-only directory, locked or broken database)
+    keep a message for :func:`show_store_error` instead of raising.  Returns success."""
+    try:
+        write(*args, **kwargs)
+        return True
+    except (sqlite3.Error, OSError) as exc:
+        st.session_state[ERROR_KEY] = (
+            f"Could not save flags: {exc}. The flag store is `flags.sqlite` beside the run "
+            "directory; check that this directory is writable.")
+        return False
+
+
+def show_store_error() -> None:
+    """Show (once) the error of the last failed flag-store write, if any."""
+    message = st.session_state.pop(ERROR_KEY, None)
+    if message:
+        st.error(message, icon=":material/error:")
 
 
 def reason_inputs(container: st.delta_generator.DeltaGenerator | None = None) -> None:
     """Reason (select) and optional note used for every new flag in this session."""
     where = container or st
+    show_store_error()
     c1, c2 = where.columns([1, 2])
     c1.selectbox("Reason for new flags", REASONS, key=REASON_KEY, persist_state="session")
     c2.text_input("Note for new flags (optional)", key=NOTE_KEY, persist_state="session")
@@ -48,8 +72,8 @@ def _persist_edits(editor_key: str, ids: Sequence[str], store: FlagStore, run_id
         (to_flag if change["flagged"] else to_unflag).append(ids[int(pos)])
     reason, note = _reason()
     user = session.user_name()
-    store.flag(run_id, to_flag, reason, note, user, test_id)
-    store.unflag(run_id, to_unflag, user)
+    if guarded_write(store.flag, run_id, to_flag, reason, note, user, test_id):
+        guarded_write(store.unflag, run_id, to_unflag, user)
 
 
 def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: dict,
@@ -73,9 +97,10 @@ def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: di
 
 def _flag_all(store: FlagStore, run_id: str, ids: Sequence[str], test_id: str | None) -> None:
     reason, note = _reason()
-    store.flag(run_id, ids, reason, note, session.user_name(), test_id, overwrite=False)
     st.session_state.pop(CONFIRM_KEY, None)
-    st.toast(f"Flagged {len(ids)} examples as {reason!r}")
+    if guarded_write(store.flag, run_id, ids, reason, note, session.user_name(), test_id,
+                     overwrite=False):
+        st.toast(f"Flagged {len(ids)} examples as {reason!r}")
 
 
 def flag_all_shown(run: Run, ids: Sequence[str], test_id: str | None) -> None:

@@ -18,7 +18,7 @@ import streamlit as st
 
 from dashboard.filters import example_table, mean_influence
 from dashboard.flags import FlagStore
-from dashboard.run_details import misclassified_rows
+from dashboard.run_details import class_names, label_name, misclassified_rows
 from dashboard.runs_dir import default_run, manifest_mtime_ns, resolve_runs_dir, run_names
 from engine.artifacts import Run, RunError, load_run, read_manifest
 
@@ -112,6 +112,19 @@ def influence_over(run_id: str, subset: str, _run: Run) -> pd.DataFrame:
 def test_index(run_id: str, _run: Run) -> dict[str, int]:
     """test_id -> row of the score matrices."""
     return {str(t): i for i, t in enumerate(_run.test_points["test_id"])}
+
+
+@st.cache_resource(max_entries=8)
+def test_descriptions(run_id: str, _run: Run) -> dict[str, str]:
+    """test_id -> one-line description for pickers (correctness, labels, loss)."""
+    names = class_names(_run, "finetune")
+    tp = _run.test_points
+    return {
+        str(t): f"{t} · {'correct' if ok else 'misclassified'} · true {label_name(names, int(y))}"
+                f" → pred {label_name(names, int(p))} · loss {float(loss):.3f}"
+        for t, ok, y, p, loss in zip(tp["test_id"], tp["correct"].astype(bool), tp["label"],
+                                     tp["pred"], tp["loss"], strict=True)
+    }
 
 
 @st.cache_resource(max_entries=8)

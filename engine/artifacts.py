@@ -108,11 +108,13 @@ def write_run(
     pretrain_xy: np.ndarray,
     test_xy: np.ndarray,
     overwrite: bool = False,
+    model_arrays: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a complete run atomically and return its path.
 
     ``manifest`` holds the run's settings; this function adds ``schema_version``, ``files``
-    (SHA-256 per file), ``shapes``, ``run_id`` and ``score_convention``.  An existing ``out_dir``
+    (SHA-256 per file), ``shapes``, ``run_id`` and ``score_convention``.  ``model_arrays`` (the
+    trained parameters, used by validation to warm-start retraining) go to ``model/NAME.npy``.  An existing ``out_dir``
     is replaced only when ``overwrite`` is true, and only after the new run is complete.
     """
     out = Path(out_dir).resolve()
@@ -146,6 +148,10 @@ def write_run(
             np.save(tmp / "scores" / f"{name}.npy", np.ascontiguousarray(scores[name], np.float32))
         np.save(tmp / "map" / "pretrain_xy.npy", np.asarray(pretrain_xy, np.float32))
         np.save(tmp / "map" / "test_xy.npy", np.asarray(test_xy, np.float32))
+        if model_arrays:
+            (tmp / "model").mkdir()
+            for name, arr in model_arrays.items():
+                np.save(tmp / "model" / f"{name}.npy", np.asarray(arr))
         files = {
             str(p.relative_to(tmp)): sha256_file(p)
             for p in sorted(tmp.rglob("*"))
@@ -245,7 +251,8 @@ def load_run(run_dir: str | os.PathLike, verify_hashes: bool = True) -> Run:
         )
     for n, arr in scores.items():
         if arr.shape != (n_test, n_pre):
-            raise RunError(f"{path}: scores/{n}.npy has shape {arr.shape}, expected {(n_test, n_pre)}")
+            raise RunError(
+                f"{path}: scores/{n}.npy has shape {arr.shape}, expected {(n_test, n_pre)}")
     if pretrain_xy.shape != (n_pre, 2) or test_xy.shape != (n_test, 2):
         raise RunError(f"{path}: map coordinates do not match the tables")
     validation = None
@@ -256,6 +263,14 @@ def load_run(run_dir: str | os.PathLike, verify_hashes: bool = True) -> Run:
         except json.JSONDecodeError:
             validation = {"error": f"{vpath} is not valid JSON"}
     return Run(path, manifest, test_points, pretrain, scores, pretrain_xy, test_xy, validation)
+
+
+def load_model_arrays(run: Run) -> dict[str, np.ndarray]:
+    """The trained parameter vectors stored with the run (``model/*.npy``)."""
+    names = [rel for rel in run.manifest["files"] if rel.startswith("model/")]
+    if not names:
+        raise RunError(f"{run.path} stores no trained parameters; re-run `python -m engine run`")
+    return {Path(rel).stem: np.load(run.path / rel) for rel in names}
 
 
 def list_runs(runs_dir: str | os.PathLike) -> list[Path]:

@@ -71,7 +71,7 @@ class TwoStageFit:
 
 def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
                    tolerance: float, max_iter: int, name: str,
-                   history_size: int = 100, newton_steps: int = 3) -> StageFit:
+                   history_size: int = 100, newton_steps: int = 30) -> StageFit:
     """Minimize a smooth scalar function of a flat vector with full-batch L-BFGS.
 
     L-BFGS's line search stalls once objective changes drop below float round-off (gradient
@@ -132,40 +132,53 @@ def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.
 def _newton_polish(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    grad_norm: float, value: float, steps: int, tolerance: float
                    ) -> tuple[torch.Tensor, float, float]:
-    """Newton steps with the system solved by CG on Hessian-vector products; keeps improvements."""
+    """Levenberg-damped Newton-CG on Hessian-vector products; keeps only improving steps.
+
+    Solves ``(Hess + mu I) d = -grad`` by CG; negative curvature (a saddle region) raises ``mu``,
+    accepted full steps lower it, so the iteration ends in plain Newton steps near a minimum.
+    """
     grad_fn = torch.func.grad(objective)
+    mu = 1e-8 * max(1.0, abs(value))
     for _ in range(steps):
         g = grad_fn(x)
 
         def hvp(v: torch.Tensor, x=x) -> torch.Tensor:
             return torch.func.jvp(grad_fn, (x,), (v,))[1]
 
-        # CG for H d = -g; stop on negative curvature (not near a minimum yet).
-        d = torch.zeros_like(x)
-        r = -g
-        p = r.clone()
-        rs = (r * r).sum()
-        for _ in range(min(10 * x.numel(), 500)):
-            hp = hvp(p)
+        d, r = torch.zeros_like(x), -g
+        p, rs = r.clone(), (r * r).sum()
+        negative = False
+        for _ in range(min(5 * x.numel(), 300)):
+            hp = hvp(p) + mu * p
             php = (p * hp).sum()
             if php <= 0:
+                negative = True
                 break
             a = rs / php
-            d = d + a * p
-            r = r - a * hp
+            d, r = d + a * p, r - a * hp
             rs_new = (r * r).sum()
-            if rs_new.sqrt() <= 1e-12 * g.norm():
+            if rs_new.sqrt() <= 1e-10 * grad_norm:
                 break
-            p = r + (rs_new / rs) * p
-            rs = rs_new
-        cand = x + d
-        with torch.no_grad():
-            cand_value = objective(cand).item()
-        cand_norm = grad_fn(cand).norm().item()
-        if not (math.isfinite(cand_norm) and cand_norm < grad_norm
-                and cand_value <= value + 1e-12 * abs(value)):
-            break
-        x, grad_norm, value = cand, cand_norm, cand_value
+            p, rs = r + (rs_new / rs) * p, rs_new
+        if negative:
+            mu = max(mu * 100, 1e-6)
+            continue
+        accepted = False
+        for step in (1.0, 0.5, 0.25, 0.1):
+            cand = x + step * d
+            with torch.no_grad():
+                cand_value = objective(cand).item()
+            cand_norm = grad_fn(cand).norm().item()
+            # Near round-off the objective cannot drop further; the gradient norm still can.
+            if math.isfinite(cand_norm) and (cand_value < value or (
+                    cand_value <= value + 1e-13 * abs(value) and cand_norm < grad_norm)):
+                x, grad_norm, value, accepted = cand, cand_norm, cand_value, True
+                mu = mu / 10 if step == 1.0 else mu
+                break
+        if not accepted:
+            mu *= 100
+            if mu > 1e6:
+                break
         if grad_norm <= tolerance:
             break
     return x, grad_norm, value

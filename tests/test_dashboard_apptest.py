@@ -284,3 +284,13 @@ def test_text_run_search(runs_dir):
     assert not at.exception
     for table in editor_frames(at).values():
         assert table["text"].str.contains("seven").all()
+
+
+def test_flag_store_failure_is_reported_not_raised(runs_dir, run):
+    (runs_dir / "flags.sqlite").mkdir()  # sqlite cannot open a directory as a database
+    eid = str(run.pretrain_examples["example_id"].iloc[3])
+    at = open_page(EXAMPLE_PAGE, {"example_id": eid})
+    at.button(key="ex_flag").click().run()
+    assert not at.exception
+    assert "Could not save flags" in texts(at.error)
+    assert "Not flagged" in texts(at.markdown)

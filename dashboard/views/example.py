@@ -12,7 +12,13 @@ from dashboard.charts import score_histogram
 from dashboard.convention import SCORE_COLUMNS
 from dashboard.example_display import SCORE_FORMAT, TEST_PAGE_URL, show_payload, test_links
 from dashboard.filters import most_harmful
-from dashboard.flag_controls import reason_inputs
+from dashboard.flag_controls import (
+    NOTE_KEY,
+    REASON_KEY,
+    guarded_write,
+    reason_inputs,
+    show_store_error,
+)
 from dashboard.run_details import class_names, label_name, metadata_columns
 
 run = session.current_run()
@@ -69,9 +75,10 @@ with right:
         st.markdown("**Not flagged.**")
         reason_inputs()
         if st.button("Flag this example", key="ex_flag", type="primary"):
-            store.flag(run.run_id, [wanted], st.session_state.get("flag_reason") or "other",
-                       st.session_state.get("flag_note") or "", session.user_name(),
-                       st.session_state.get(session.TEST_KEY) or None)
+            guarded_write(store.flag, run.run_id, [wanted],
+                          st.session_state.get(REASON_KEY) or "other",
+                          st.session_state.get(NOTE_KEY) or "", session.user_name(),
+                          st.session_state.get(session.TEST_KEY) or None)
             st.rerun()
     else:
         f = flag_row.iloc[0]
@@ -79,8 +86,9 @@ with right:
                     f"{f['flagged_at']}" + (f" (from test point `{f['test_id']}`)"
                                              if f["test_id"] else "")
                     + (f" — {f['note']}" if f["note"] else ""))
+        show_store_error()
         if st.button("Unflag", key="ex_unflag"):
-            store.unflag(run.run_id, [wanted], session.user_name())
+            guarded_write(store.unflag, run.run_id, [wanted], session.user_name())
             st.rerun()
 
 # --- the test points it harms / helps most ---------------------------------------------------

@@ -9,6 +9,7 @@ import streamlit as st
 from dashboard import session
 from dashboard.example_display import example_links, test_links, thumbnails
 from dashboard.export_panel import export_buttons
+from dashboard.flag_controls import guarded_write, show_store_error
 from dashboard.run_details import class_names, label_name
 
 run = session.current_run()
@@ -45,13 +46,14 @@ else:
         table.insert(0, "image", thumbs)
         config["image"] = st.column_config.ImageColumn("image", width=48)
     counts = flags["reason"].value_counts()
-    st.markdown(f"**{len(flags)} flagged examples** · "
+    st.markdown(f"**{len(flags)} flagged example{'s' if len(flags) != 1 else ''}** · "
                 + " · ".join(f"{r}: {n}" for r, n in counts.items()))
     event = st.dataframe(table, hide_index=True, column_config=config, key="flags_table",
                          on_select="rerun", selection_mode="multi-row", row_height=40)
     picked = [flags["example_id"].iloc[i] for i in event["selection"]["rows"]] if event else []
+    show_store_error()
     if st.button(f"Unflag {len(picked)} selected", key="unflag_selected", disabled=not picked):
-        store.unflag(run.run_id, picked, session.user_name())
+        guarded_write(store.unflag, run.run_id, picked, session.user_name())
         st.rerun()
     with st.expander("History (every flag and unflag)"):
         st.dataframe(store.history(run.run_id), hide_index=True, key="flag_history")

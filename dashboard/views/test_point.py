@@ -25,6 +25,7 @@ from dashboard.test_point_list import SUBSETS, list_test_points
 
 TABLE_CAP = 1000  # rows sent to the browser per table
 SCATTER_CAP = 3000
+MAP_TOP, MAP_RANDOM = 1500, 2500  # map points: largest |score| + a random sample of the rest
 SCORES = ("total", "pretrained_term", "finetuned_term")
 
 run = session.current_run()
@@ -74,16 +75,11 @@ with st.container(border=True):
         st.button("Clear the test id", key="clear_test_id", on_click=_set_test, args=("",))
     current = wanted if wanted in tindex else (ids[0] if ids else None)
 
-    def _fmt(tid: str) -> str:
-        r = run.test_points.iloc[tindex[tid]]
-        mark = "correct" if bool(r["correct"]) else "misclassified"
-        return (f"{tid} · {mark} · true {label_name(ft_names, int(r['label']))} → "
-                f"pred {label_name(ft_names, int(r['pred']))} · loss {float(r['loss']):.3f}")
-
+    descriptions = session.test_descriptions(run.run_id, run)
     st.session_state["nav_pick"] = current if current in ids else None
     p1, p2, p3 = st.columns([6, 1, 1], vertical_alignment="bottom")
     p1.selectbox(f"Test point ({len(ids)} in this list)", ids, key="nav_pick",
-                 format_func=_fmt, on_change=_pick_changed, index=None,
+                 format_func=descriptions.__getitem__, on_change=_pick_changed, index=None,
                  placeholder="the current test point is not in this list")
     pos = ids.index(current) if current in ids else -1
     p2.button("◀ Prev", key="nav_prev", disabled=pos <= 0, on_click=_set_test,
@@ -101,7 +97,7 @@ point = run.test_points.iloc[row]
 # --- the test point and the map -----------------------------------------------------------
 flagged_ids = store.flagged_ids(run.run_id)
 frame = score_frame(session.examples(run.run_id, run), run.scores, row, flagged_ids)
-context = apply_filters(frame, spec.replace(top_k=None))
+on_map = apply_filters(frame, spec.replace(top_k=None))  # filters without top-k and selection
 
 left, right = st.columns([2, 3])
 with left:
@@ -133,10 +129,14 @@ with left:
 with right:
     map_gen = st.session_state.get("map_gen", 0)
     map_key = f"map_{run.run_id}_{current}_{map_gen}"
-    sample = map_sample(context, seed=row)
+    sample = map_sample(on_map, n_top=MAP_TOP, n_random=MAP_RANDOM, seed=row)
     test_xy = tuple(float(v) for v in run.test_xy[row])
+    shown = (f"{len(sample):,} of {len(on_map):,} (the {MAP_TOP:,} largest |score| + a random "
+             "sample)" if len(sample) < len(on_map) else f"all {len(on_map):,}")
+    st.markdown(f"**Map: influence on `{current}`** · {shown} examples passing the filters · "
+                "box / lasso select to filter the tables")
     event = st.plotly_chart(
-        influence_map(sample, run.pretrain_xy, test_xy, current, len(context)),
+        influence_map(sample, run.pretrain_xy, test_xy, current),
         key=map_key, on_select="rerun", selection_mode=("box", "lasso"),
         config={"displaylogo": False})
     selected = selected_example_ids(event)
@@ -180,7 +180,7 @@ flag_all_shown(run, shown_ids, current)
 st.plotly_chart(term_split_bars(pd.concat([helpful.head(15), harmful.head(15)])),
                 key="split_bars", config={"displayModeBar": False})
 c1, c2 = st.columns(2)
-unranked = apply_filters(frame, spec.replace(top_k=None))  # filters + selection, no top-k
+unranked = on_map if selected is None else apply_filters(frame, spec.replace(top_k=None))
 scatter_rows = map_sample(unranked, n_top=1000, n_random=SCATTER_CAP - 1000, seed=row)
 c1.plotly_chart(term_scatter(scatter_rows), key="term_scatter",
                 config={"displayModeBar": False})

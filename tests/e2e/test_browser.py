@@ -130,7 +130,8 @@ def test_flag_from_the_table_survives_a_reload(page, server, e2e_runs_dir, run,
     page.reload()
     wait_ready(page, settle_ms=800)
     nav(page, "Flags")
-    page.get_by_text(f"{len(before) + 1} flagged examples").wait_for()
+    n = len(before) + 1
+    page.get_by_text(f"{n} flagged example{'s' if n != 1 else ''}").wait_for()
     screenshot(page, "flags")
     goto(page, server, f"/example?example_id={example_id}")
     page.get_by_text("Flagged as").wait_for()

@@ -1,0 +1,77 @@
+"""Command line: ``python -m engine run|validate|verify``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine import artifacts
+
+
+def _cmd_run(ns: argparse.Namespace) -> None:
+    from engine.pipeline import read_ids_file, run
+
+    exclude = read_ids_file(ns.exclude) if ns.exclude else []
+    run(ns.config, ns.out, scenario=ns.scenario, alpha=ns.alpha, exclude_ids=exclude,
+        overwrite=ns.overwrite)
+
+
+def _cmd_verify(ns: argparse.Namespace) -> None:
+    r = artifacts.load_run(ns.run_dir)
+    print(f"{r.path}: run {r.run_id} is complete and intact "
+          f"({r.n_test} test points x {r.n_pretrain} pretraining examples)")
+
+
+def _cmd_validate(ns: argparse.Namespace) -> None:
+    from engine.validation import main as validate_main
+
+    validate_main(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine",
+                                description="Multi-stage influence: pretraining data -> "
+                                            "finetuned predictions.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log training details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train both stages, score, map and write a run directory")
+    r.add_argument("config", help="TOML config (see sample_data/digits/config.toml)")
+    r.add_argument("--out", required=True, help="run directory to create")
+    r.add_argument("--scenario", choices=["fixed", "updated"], help="override [finetune] scenario")
+    r.add_argument("--alpha", type=float, help="override [finetune] alpha (updated scenario)")
+    r.add_argument("--exclude", metavar="IDS_FILE",
+                   help="retrain without these pretraining example ids (one per line)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser("verify", help="check a run directory's schema, shapes and hashes")
+    v.add_argument("run_dir")
+    v.set_defaults(func=_cmd_verify)
+
+    val = sub.add_parser("validate", help="predicted vs actual influence by retraining")
+    val.add_argument("run_dir")
+    val.add_argument("--test-points", nargs="*", default=None,
+                     help="test ids (default: up to 10 misclassified)")
+    val.add_argument("--per-point", type=int, default=20,
+                     help="top-N by |score| plus N random examples per test point")
+    val.add_argument("--group-sizes", type=int, nargs="*", default=[10, 20, 50])
+    val.add_argument("--random-draws", type=int, default=3)
+    val.add_argument("--workers", type=int, default=None, help="parallel retraining processes")
+    val.add_argument("--seed", type=int, default=0)
+    val.set_defaults(func=_cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ns.func(ns)
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Library errors carry the what-to-do message; a traceback would only hide it.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,29 @@
+"""Progress lines with an ETA for long steps (stderr, throttled, one line per step)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Call with ``(done, total)``; prints ``label: done/total (pct) ETA`` at most every 0.5 s."""
+
+    def __init__(self, label: str, stream=None, interval: float = 0.5) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / done * (total - done) if done else float("nan")
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\r  {self.label}: {done}/{total} ({100 * done / max(total, 1):.0f}%)"
+                          f" elapsed {elapsed:.1f}s ETA {eta:.1f}s   {end}")
+        self.stream.flush()
