@@ -82,4 +82,7 @@ def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[st
     for col in extra_columns:
         if col in frame.columns:
             view[col] = frame[col].to_numpy()
+    if "pretrain_loss" in view.columns:
+        config["pretrain_loss"] = st.column_config.NumberColumn(
+            "pretrain_loss", format="%.3f", help="Loss of the example under the pretrained model")
     return view, config

@@ -4,8 +4,9 @@ One :class:`FilterSpec` drives the table, the charts and the exports, in the UI 
 
 Frames built here have one row per pretraining example: ``row`` (position in the pretraining
 table = column of the score matrices), ``example_id``, ``label``, ``label_name``, the metadata
-columns, ``text`` when the run renders text, a ``flagged`` column and, for a chosen test point,
-the three score columns ``total``, ``pretrained_term``, ``finetuned_term`` and ``dominant_term``.
+columns, ``pretrain_loss`` when present, ``text`` when the run renders text, a ``flagged``
+column and, for a chosen test point, the three score columns ``total``, ``pretrained_term``,
+``finetuned_term`` and ``dominant_term``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def example_table(run: Run) -> pd.DataFrame:
     }
     for c in metadata_columns(run):
         cols[c] = table[c].to_numpy()
+    if "pretrain_loss" in table.columns:
+        cols["pretrain_loss"] = table["pretrain_loss"].to_numpy(dtype=float)
     render = render_spec(run)
     if render.kind == "text":
         cols["text"] = table[render.column].astype(str).to_numpy()
@@ -142,8 +145,9 @@ def flag_column(examples: pd.DataFrame, flagged_ids: Collection[str]) -> np.ndar
 def apply_filters(frame: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
     """Rows of ``frame`` that pass ``spec``, in view order.
 
-    With score columns the view is ordered by ``total`` descending (most helpful first, most
-    harmful last); ``top_k`` keeps the k most helpful and/or k most harmful rows.  Without score
+    With score columns the view is ordered by ``total``: descending (most helpful first, most
+    harmful last), ascending (most harmful first) when ``sign`` is "harmful"; ``top_k`` keeps
+    the k most helpful and/or k most harmful rows.  Without score
     columns (no test point), score-based parts of the spec are ignored and the pretraining-table
     order is kept.
     """
@@ -178,14 +182,15 @@ def apply_filters(frame: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
     if spec.dominant_term != "any":
         mask &= frame["dominant_term"].to_numpy() == spec.dominant_term
     out = frame[mask]
-    if spec.top_k is None:
-        return out.sort_values("total", ascending=False, kind="stable")
-    parts = []
-    if spec.sign in ("both", "helpful"):
-        parts.append(out[out["total"] > 0].nlargest(spec.top_k, "total"))
-    if spec.sign in ("both", "harmful"):
-        parts.append(out[out["total"] < 0].nsmallest(spec.top_k, "total"))
-    return pd.concat(parts).sort_values("total", ascending=False, kind="stable")
+    ascending = spec.sign == "harmful"
+    if spec.top_k is not None:
+        parts = []
+        if spec.sign in ("both", "helpful"):
+            parts.append(out[out["total"] > 0].nlargest(spec.top_k, "total"))
+        if spec.sign in ("both", "harmful"):
+            parts.append(out[out["total"] < 0].nsmallest(spec.top_k, "total"))
+        out = pd.concat(parts)
+    return out.sort_values("total", ascending=ascending, kind="stable")
 
 
 def mean_influence(examples: pd.DataFrame, scores: Mapping[str, np.ndarray],

@@ -8,6 +8,7 @@ written by another engine version, so every accessor here has a sensible fallbac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,8 @@ def stage_rows(run: Run) -> pd.DataFrame:
         for key in ("solver", "damping", "converged", "final_grad_norm", "tolerance",
                     "iterations", "weight_decay"):
             row[key] = info.get(key)
+        row.update({k: v for k, v in info.items()
+                    if k not in row and isinstance(v, (int, float, str, bool))})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -133,7 +136,9 @@ def task_description(run: Run) -> str:
     """One line naming the task: dataset name from the config and the finetuning classes."""
     config = run.manifest.get("config") or {}
     data = config.get("data") or {}
-    name = data.get("name") or data.get("dataset") or data.get("kind") or run.path.name
+    config_path = run.manifest.get("config_path")
+    name = (data.get("name") or data.get("dataset")
+            or (Path(str(config_path)).parent.name if config_path else run.path.name))
     ft = class_names(run, "finetune")
     pre = class_names(run, "pretrain")
     return f"{name}: pretraining on {len(pre)} classes, finetuning on {' / '.join(ft)}"

@@ -114,8 +114,9 @@ def write_run(
 
     ``manifest`` holds the run's settings; this function adds ``schema_version``, ``files``
     (SHA-256 per file), ``shapes``, ``run_id`` and ``score_convention``.  ``model_arrays`` (the
-    trained parameters, used by validation to warm-start retraining) go to ``model/NAME.npy``.  An existing ``out_dir``
-    is replaced only when ``overwrite`` is true, and only after the new run is complete.
+    trained parameters, used by validation to warm-start retraining) go to ``model/NAME.npy``.
+    An existing ``out_dir`` is replaced only when ``overwrite`` is true, and only after the new
+    run is complete.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:

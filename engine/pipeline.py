@@ -7,7 +7,6 @@ task and trained parameters from a finished run with :func:`task_from_run`.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import importlib.metadata
 import logging
 import platform
@@ -319,7 +318,3 @@ def task_from_run(run: artifacts.Run) -> tuple[PreparedData, TwoStageTask, TwoSt
                         for k in ("backbone_pre", "w", "backbone_ft", "t")))
     return data, task, fit
 
-
-def content_hash(values: Sequence[str]) -> str:
-    """Short stable hash of a list of strings (ids files, selections)."""
-    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:12]

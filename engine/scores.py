@@ -168,7 +168,8 @@ def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directio
     for start in range(0, m, batch_size):
         sl = slice(start, min(start + batch_size, m))
         g = per_example_gradients(task, fit, x[sl], y[sl])
-        _check_finite("pretraining per-example gradient", g, f"pretraining example (offset {start})")
+        _check_finite("pretraining per-example gradient", g,
+                      f"pretraining example (offset {start})")
         out[sl] = g @ r
         if progress is not None:
             progress(sl.stop, m)

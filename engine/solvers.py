@@ -6,7 +6,7 @@
 * :class:`LissaSolver` — stochastic Neumann series (Agarwal et al. 2017).
 
 Damping is added on the fly and never written into a stored matrix.  A damped curvature that is
-not positive definite raises :class:`CurvatureNotPositiveDefinite` with a suggested damping.
+not positive definite raises :class:`NotPositiveDefiniteError` with a suggested damping.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from engine.curvature import Curvature
 log = logging.getLogger(__name__)
 
 
-class CurvatureNotPositiveDefinite(ValueError):
+class NotPositiveDefiniteError(ValueError):
     """The damped curvature of a stage is not positive definite."""
 
 
@@ -59,7 +59,7 @@ class ExactSolver:
         floor = 1e-12 * max(abs(evals[-1].item()), 1.0) if damped.dtype == torch.float64 else \
             1e-6 * max(abs(evals[-1].item()), 1.0)
         if lo <= floor:
-            raise CurvatureNotPositiveDefinite(
+            raise NotPositiveDefiniteError(
                 f"{op.name} + damping {damping:g} is not positive definite: its most negative "
                 f"eigenvalue is {lo:.3g}. {_advice(damping, lo)}, or train closer to a minimum "
                 "(more iterations, more weight decay).")
@@ -101,7 +101,7 @@ class CGSolver:
             if bad.any():
                 j = int(bad.nonzero()[0])
                 rq = (pap[j] / (p[:, j] * p[:, j]).sum()).item()
-                raise CurvatureNotPositiveDefinite(
+                raise NotPositiveDefiniteError(
                     f"CG breakdown on {op.name} + damping {damping:g}: curvature along a search "
                     f"direction is {rq:.3g} <= 0, so the damped curvature is not positive "
                     f"definite. {_advice(damping, rq)}.")
@@ -166,7 +166,7 @@ class LissaSolver:
                     ah = op.matvec_sample(h, idx)
                 h = rhs + h - (ah + damping * h) / scale
                 if not torch.isfinite(h).all():
-                    raise CurvatureNotPositiveDefinite(
+                    raise NotPositiveDefiniteError(
                         f"LiSSA diverged on {op.name}: scale {scale:g} is below the largest "
                         "eigenvalue, or the damped curvature is not positive definite; "
                         "raise scale or damping")

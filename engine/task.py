@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - the conventional name
 from torch import nn
 from torch.func import functional_call
 

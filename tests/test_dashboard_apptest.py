@@ -107,6 +107,12 @@ def test_overview_page(runs_dir, run):
     harmful, helpful = tables_with(at, "n_harmed")
     assert len(harmful) == 10 and (harmful["total"] < 0).all() and (helpful["total"] > 0).all()
     assert len(at.get("plotly_chart")) >= 2  # confusion matrix + group bars
+    # "Open" goes to the example page of the most harmful example.
+    target = at.selectbox(key="ov_open_pick").value
+    assert target == harmful["example"].iloc[0].split("=")[1]
+    at.button(key="ov_open").click().run()
+    assert not at.exception and target in at.subheader[0].value
+    at.switch_page("views/overview.py").run()
     at.radio(key="ov_group").set_value("source").run()
     assert not at.exception
     (groups,) = tables_with(at, "n_examples")

@@ -67,7 +67,7 @@ with right:
     st.subheader(f"`{wanted}` · label {label}")
     meta = {c: record[c] for c in metadata_columns(run)}
     if "pretrain_loss" in record:
-        meta["pretrain_loss"] = float(record["pretrain_loss"])
+        meta["pretrain_loss"] = f"{float(record['pretrain_loss']):.4f}"
     if meta:
         st.dataframe(pd.DataFrame({"field": list(meta), "value": [str(v) for v in meta.values()]}),
                      hide_index=True, key="ex_meta")
@@ -82,8 +82,9 @@ with right:
             st.rerun()
     else:
         f = flag_row.iloc[0]
-        st.markdown(f"🚩 **Flagged** as *{f['reason']}* by {f['user'] or '?'} at "
-                    f"{f['flagged_at']}" + (f" (from test point `{f['test_id']}`)"
+        st.markdown(f":red[:material/flag:] **Flagged** as *{f['reason']}* by "
+                    f"{f['user'] or '?'} at {f['flagged_at']}"
+                    + (f" (from test point `{f['test_id']}`)"
                                              if f["test_id"] else "")
                     + (f" — {f['note']}" if f["note"] else ""))
         show_store_error()

@@ -31,7 +31,8 @@ st.markdown(f"**Task:** {task_description(run)}")
 
 c = st.columns(6)
 c[0].metric("Scenario", str(manifest.get("scenario", "?")))
-c[1].metric("alpha", str(manifest.get("alpha", "–")))
+alpha = manifest.get("alpha")
+c[1].metric("alpha", "– (fixed)" if alpha is None else f"{alpha:g}")
 acc = metrics.get("test_accuracy")
 c[2].metric("Test accuracy", f"{acc:.1%}" if isinstance(acc, (int, float)) else "–")
 n_mis = metrics.get("n_misclassified", int((~run.test_points["correct"].astype(bool)).sum()))
@@ -58,7 +59,8 @@ with left:
     details = {k: manifest.get(k) for k in ("tracked_backbone", "approximation") if k in manifest}
     details.update({k: v for k, v in metrics.items() if k.endswith("train_accuracy")})
     if details:
-        st.caption(" · ".join(f"{k}: {v}" for k, v in details.items()))
+        st.caption(" · ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
+                              for k, v in details.items()))
     if manifest.get("excluded_ids"):
         st.caption(f"This run excluded {len(manifest['excluded_ids'])} pretraining examples.")
 with right:
@@ -121,9 +123,16 @@ else:
                "`n_helped`: how many of them the example harms / helps.")
     k = st.slider("Examples per list", 5, 50, 10, key="ov_k")
     cols = ("total", "pretrained_term", "finetuned_term")
-    extra = ["n_harmed", "n_helped"] + [c for c in groups if c != "label"]
+    extra = ["n_harmed", "n_helped", "pretrain_loss"] + [c for c in groups if c != "label"]
+    listed: list[str] = []
     for title, frame, tkey in (("Most harmful", most_harmful(mis_inf, k), "ov_harmful"),
                                ("Most helpful", most_helpful(mis_inf, k), "ov_helpful")):
         st.markdown(f"**{title}**")
         display, config = example_table_view(run, frame, cols, extra)
         st.dataframe(display, hide_index=True, column_config=config, key=tkey, row_height=40)
+        listed += frame["example_id"].tolist()
+    if listed:
+        o1, o2 = st.columns([4, 1], vertical_alignment="bottom")
+        target = o1.selectbox("Open a pretraining example here (links open a new tab)", listed,
+                              key="ov_open_pick")
+        o2.button("Open", key="ov_open", on_click=session.open_example, args=(target,))

@@ -1,9 +1,10 @@
 """Fixtures of the real-browser tests: a runs directory, a Streamlit server, a Chromium page.
 
-The runs directory is a private copy of the sample run (``sample_run`` fixture from
-``tests/conftest.py``, the real ``runs/digits``) so the tests' flags never touch the user's
-``runs/flags.sqlite``.  Without a ``sample_run`` fixture (engine not available) a synthetic
-run from ``benchmarks/make_synthetic_run.py`` stands in, and the tests say so in their output.
+The runs directory is a private copy of the sample run, so the tests' flags never touch the
+user's ``runs/flags.sqlite``.  The run copied is, in this order: ``$DASHBOARD_E2E_RUN`` (any run
+directory), the ``sample_run`` fixture of ``tests/conftest.py`` (the real ``runs/digits``, built
+if missing), an existing ``runs/digits``; without any of them a synthetic run from
+``benchmarks/make_synthetic_run.py`` stands in, and the tests say so on stderr.
 """
 
 from __future__ import annotations
@@ -42,14 +43,18 @@ def _free_port() -> int:
 def e2e_runs_dir(request, tmp_path_factory) -> Path:
     """A runs directory holding ``digits``: the real sample run when available."""
     root = tmp_path_factory.mktemp("e2e_runs")
-    try:
-        sample = Path(request.getfixturevalue("sample_run"))
-    except pytest.FixtureLookupError:
-        sample = None
+    sample = Path(os.environ["DASHBOARD_E2E_RUN"]) if os.environ.get("DASHBOARD_E2E_RUN") else None
+    if sample is None:
+        try:
+            sample = Path(request.getfixturevalue("sample_run"))
+        except pytest.FixtureLookupError:
+            existing = REPO / "runs" / "digits"
+            sample = existing if (existing / "manifest.json").is_file() else None
     if sample is not None:
         shutil.copytree(sample, root / "digits")
+        print(f"\n[e2e] using a copy of {sample}", file=sys.stderr)
     else:
-        print("\n[e2e] no sample_run fixture: using a synthetic run instead", file=sys.stderr)
+        print("\n[e2e] no sample run: using a synthetic run instead", file=sys.stderr)
         make_synthetic_run(root / "digits", n_pretrain=1100, n_test=200, seed=0)
     return root
 
