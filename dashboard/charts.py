@@ -39,7 +39,9 @@ def influence_map(sample: pd.DataFrame, xy: np.ndarray, test_xy: tuple[float, fl
     rows = sample["row"].to_numpy()
     pts = np.asarray(xy[rows], dtype=float) if len(rows) else np.zeros((0, 2))
     total = sample["total"].to_numpy(dtype=float)
-    bound = float(np.abs(total).max()) if len(total) else 1.0
+    # Robust colour range: a few extreme scores would otherwise wash out everything else.
+    bound = float(np.quantile(np.abs(total), 0.98)) if len(total) else 0.0
+    bound = bound or float(np.abs(total).max(initial=0.0)) or 1.0
     fig = go.Figure()
     fig.add_trace(go.Scattergl(
         x=pts[:, 0], y=pts[:, 1], mode="markers", name="pretraining examples",
