@@ -26,7 +26,7 @@ from engine.config import RunConfig, load_config
 from engine.data import Table, load_run_data
 from engine.maps import map_coordinates
 from engine.models import build_model
-from engine.progress import Progress
+from engine.progress import Progress, TrainingProgress
 from engine.scores import InfluenceArguments, compute_scores
 from engine.solvers import make_solver
 from engine.task import TwoStageTask
@@ -191,7 +191,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NotConvergedWarning)
-        fit = train(task, cfg)
+        fit = train(task, cfg, progress=TrainingProgress())
     for w in caught:
         echo(f"WARNING: {w.message}")
     timings["pretrain"] = round(fit.pretrain.seconds, 3)

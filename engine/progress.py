@@ -27,3 +27,22 @@ class Progress:
         self.stream.write(f"\r  {self.label}: {done}/{total} ({100 * done / max(total, 1):.0f}%)"
                           f" elapsed {elapsed:.1f}s ETA {eta:.1f}s   {end}")
         self.stream.flush()
+
+
+class TrainingProgress:
+    """Iterations and gradient norm of a training stage, at most every ``interval`` seconds."""
+
+    def __init__(self, stream=None, interval: float = 2.0) -> None:
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, limit: int, grad_norm: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        self.stream.write(f"  {stage}: iteration {done}/{limit} (at most), gradient norm "
+                          f"{grad_norm:.2e}, elapsed {now - self.start:.0f}s\n")
+        self.stream.flush()

@@ -23,6 +23,9 @@ from engine.task import TwoStageTask
 
 log = logging.getLogger(__name__)
 
+# (stage name, iterations done, iteration limit, current gradient norm)
+ProgressCallback = Callable[[str, int, int, float], None]
+
 
 class NotConvergedWarning(UserWarning):
     """A stage's gradient norm is above its tolerance: influence scores may be unreliable."""
@@ -71,7 +74,8 @@ class TwoStageFit:
 
 def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
                    tolerance: float, max_iter: int, name: str,
-                   history_size: int = 100, newton_steps: int = 30) -> StageFit:
+                   history_size: int = 100, newton_steps: int = 30,
+                   progress: ProgressCallback | None = None) -> StageFit:
     """Minimize a smooth scalar function of a flat vector with full-batch L-BFGS.
 
     L-BFGS's line search stalls once objective changes drop below float round-off (gradient
@@ -111,6 +115,8 @@ def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.
         # At round-off level the line search stops making progress: nothing more to gain.
         stalled = done == iters or (value >= prev_value and grad_norm >= 0.5 * prev_norm)
         iters = done
+        if progress is not None:
+            progress(name, iters, max_iter, grad_norm)
         if grad_norm <= tolerance or stalled:
             break
     if grad_norm > tolerance and newton_steps > 0:
@@ -232,7 +238,8 @@ def finetune_objective(task: TwoStageTask, backbone_pre: torch.Tensor,
 
 def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tensor] | None = None,
                     keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
-                    tolerance: float = 1e-7, max_iter: int = 2000) -> StageFit:
+                    tolerance: float = 1e-7, max_iter: int = 2000,
+                    progress: ProgressCallback | None = None) -> StageFit:
     """Train stage 1 (backbone + pretraining head) and return ``[backbone; w]``.
 
     ``keep`` is a boolean mask over pretraining examples (removal retraining); ``init`` warm
@@ -249,12 +256,14 @@ def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tenso
     if init is not None:
         ub0, w0 = init
     return minimize_lbfgs(pretrain_objective(task, x, y, sample_weights), torch.cat([ub0, w0]),
-                          tolerance=tolerance, max_iter=max_iter, name="pretraining")
+                          tolerance=tolerance, max_iter=max_iter, name="pretraining",
+                          progress=progress)
 
 
 def fit_finetuning(task: TwoStageTask, backbone_pre: torch.Tensor, *,
                    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   tolerance: float = 1e-7, max_iter: int = 2000) -> StageFit:
+                   tolerance: float = 1e-7, max_iter: int = 2000,
+                   progress: ProgressCallback | None = None) -> StageFit:
     """Train stage 2 given U*; returns ``t`` (fixed) or ``[t; backbone]`` (updated).
 
     ``init`` = (t, backbone) warm start; the backbone starts at U* when not given.
@@ -266,22 +275,24 @@ def fit_finetuning(task: TwoStageTask, backbone_pre: torch.Tensor, *,
         t0, ub0 = init
     x0 = t0 if task.scenario == "fixed" else torch.cat([t0, ub0])
     return minimize_lbfgs(finetune_objective(task, backbone_pre, x, y), x0,
-                          tolerance=tolerance, max_iter=max_iter, name="finetuning")
+                          tolerance=tolerance, max_iter=max_iter, name="finetuning",
+                          progress=progress)
 
 
 def fit_two_stage(task: TwoStageTask, *, tolerance: tuple[float, float] = (1e-7, 1e-7),
                   max_iter: tuple[int, int] = (2000, 2000), keep: torch.Tensor | None = None,
                   sample_weights: torch.Tensor | None = None,
-                  warm_start: TwoStageFit | None = None) -> TwoStageFit:
+                  warm_start: TwoStageFit | None = None,
+                  progress: ProgressCallback | None = None) -> TwoStageFit:
     """Train both stages (optionally without some pretraining examples, warm-started)."""
     nb = task.backbone_layout.numel
     pre = fit_pretraining(
         task, keep=keep, sample_weights=sample_weights, tolerance=tolerance[0],
-        max_iter=max_iter[0],
+        max_iter=max_iter[0], progress=progress,
         init=None if warm_start is None else (warm_start.backbone_pre, warm_start.w))
     backbone_pre, w = pre.params[:nb], pre.params[nb:]
     ft = fit_finetuning(
-        task, backbone_pre, tolerance=tolerance[1], max_iter=max_iter[1],
+        task, backbone_pre, tolerance=tolerance[1], max_iter=max_iter[1], progress=progress,
         init=None if warm_start is None else (warm_start.t, warm_start.backbone_ft))
     nt = task.t_layout.numel
     if task.scenario == "fixed":
