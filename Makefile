@@ -31,7 +31,7 @@ SAMPLE_RUN := runs/digits
 SAMPLE_MANIFEST := $(SAMPLE_RUN)/manifest.json
 
 STREAMLIT_ARGS := --server.headless true --server.address 127.0.0.1 --server.port 8501 \
-	--browser.gatherUsageStats false
+	--browser.gatherUsageStats false --client.toolbarMode minimal
 
 PYTEST_ARGS ?=
 
