@@ -58,8 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="top-N by |score| plus N random examples per test point")
     val.add_argument("--group-sizes", type=int, nargs="*", default=[10, 20, 50])
     val.add_argument("--random-draws", type=int, default=3)
-    val.add_argument("--workers", type=int, default=None, help="parallel retraining processes")
-    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--workers", type=int, default=None,
+                     help="parallel retraining processes (default: min(2, CPUs))")
+    val.add_argument("--seed", type=int, default=0,
+                     help="seed of the test-point choice and of the random examples/groups")
+    val.add_argument("--noise-ids", metavar="IDS_FILE", default=None,
+                     help="mislabelled pretraining ids for the noise-detection check (default: "
+                          "corrupted_ids.txt beside the pretraining file, when present)")
+    val.add_argument("--tolerance", type=float, default=1e-10,
+                     help="gradient-norm tolerance of every retrain, both stages")
+    val.add_argument("--max-iter", type=int, default=300,
+                     help="L-BFGS iterations per stage before the Newton polish of a retrain")
     val.set_defaults(func=_cmd_validate)
     return p
 

@@ -28,6 +28,10 @@ from engine.training import TwoStageFit
 BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class NonFiniteCurvatureError(ValueError):
+    """A Hessian-vector product came out NaN or infinite."""
+
+
 @dataclass
 class Curvature:
     """A symmetric curvature ``(1/n) sum_i d2 loss_i + diag(reg)`` evaluated at ``point``."""
@@ -62,11 +66,21 @@ class Curvature:
         for start in range(0, self.n_examples, self.batch_size):
             sl = slice(start, start + self.batch_size)
             out = out + self._data_hvp(V, self.x[sl], self.y[sl]) / self.n_examples
+        self._check(out)
         return out
+
+    def _check(self, out: torch.Tensor) -> None:
+        if not torch.isfinite(out).all():
+            raise NonFiniteCurvatureError(
+                f"{self.name}: a Hessian-vector product is NaN or infinite, so a loss, an input or "
+                "a parameter is not finite at the trained parameters; check the data for NaN/inf "
+                "features and that training converged")
 
     def matvec_sample(self, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Unbiased estimate of :meth:`matvec` from the examples ``idx`` (stochastic solvers)."""
-        return self.reg_diag[:, None] * V + self._data_hvp(V, self.x[idx], self.y[idx]) / len(idx)
+        out = self.reg_diag[:, None] * V + self._data_hvp(V, self.x[idx], self.y[idx]) / len(idx)
+        self._check(out)
+        return out
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
         """The full matrix (a new tensor each call), built from HVPs with identity columns."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from engine.curvature import (
     finetune_cross_matvec,
@@ -60,6 +60,7 @@ class InfluenceArguments:
     finetune_solver: Solver = field(default_factory=ExactSolver)
     batch_size: int = 512
     curvature_batch_size: int = 1024
+    scoring_method: str = "auto"
 
 
 @dataclass
@@ -83,13 +84,13 @@ class Directions:
     r_ft: torch.Tensor
 
 
-def _check_finite(name: str, value: torch.Tensor, what: str) -> None:
+def _check_finite(name: str, value: torch.Tensor, what: str, offset: int = 0) -> None:
     if not torch.isfinite(value).all():
         bad = (~torch.isfinite(value.reshape(value.shape[0], -1))).any(1).nonzero()
-        first = int(bad[0]) if len(bad) else -1
+        first = offset + (int(bad[0]) if len(bad) else 0)
         raise ScoringError(
-            f"{name}: non-finite values (NaN/inf) for {what} {first}; check that the loss and the "
-            "inputs are finite at the trained parameters")
+            f"{name}: non-finite values (NaN/inf) for {what} #{first}; check that the loss and "
+            "the inputs are finite at the trained parameters")
 
 
 def test_gradients(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
@@ -142,35 +143,85 @@ def influence_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Ten
     return Directions(s_pre, s_ft, r[:, :k], r[:, k:])
 
 
+def _pretrain_blocks(task: TwoStageTask, fit: TwoStageFit
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                dict[str, torch.Tensor]]:
+    """(full backbone, tracked backbone, head) parameters at (U*, W*) as named tensors."""
+    base = fit.backbone_pre
+    return (task.backbone_layout.unflatten(base), task.u_layout.unflatten(task.tracked(base)),
+            task.w_layout.unflatten(fit.w))
+
+
+def per_example_gradient_blocks(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
+                                y: torch.Tensor) -> list[torch.Tensor]:
+    """grad_{U,W} l_pre(z_j) for a batch, one (batch, numel) block per parameter tensor.
+
+    Differentiating w.r.t. named tensors (not slices of one flat vector) matters: the backward of
+    a slice zero-fills and adds a full (batch, n_params) buffer per parameter tensor.
+    """
+    base_params, u_params, w_params = _pretrain_blocks(task, fit)
+
+    def loss_single(u_p: dict, w_p: dict, xj: torch.Tensor, yj: torch.Tensor) -> torch.Tensor:
+        feats = functional_call(task.backbone, {**base_params, **u_p}, (xj[None],))
+        return task.pretrain_loss(functional_call(task.pretrain_head, w_p, (feats,)),
+                                  yj[None]).sum()
+
+    gu, gw = vmap(grad(loss_single, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
+        u_params, w_params, x, y)
+    return [g.reshape(len(x), -1) for g in (*gu.values(), *gw.values())]
+
+
 def per_example_gradients(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
                           y: torch.Tensor) -> torch.Tensor:
     """grad_{U,W} l_pre(z_j) for a batch of pretraining examples, shape (batch, n_u + n_w)."""
-    base = fit.backbone_pre
-    nu = task.u_layout.numel
-
-    def loss_single(theta: torch.Tensor, xj: torch.Tensor, yj: torch.Tensor) -> torch.Tensor:
-        return task.pretrain_loss(
-            task.pretrain_outputs(base, theta[nu:], xj[None], theta[:nu]), yj[None]).sum()
-
-    theta = torch.cat([task.tracked(base), fit.w])
-    return vmap(grad(loss_single), in_dims=(None, 0, 0))(theta, x, y)
+    return torch.cat(per_example_gradient_blocks(task, fit, x, y), 1)
 
 
 def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directions,
                       batch_size: int = 512,
-                      progress: Callable[[int, int], None] | None = None
+                      progress: Callable[[int, int], None] | None = None,
+                      method: str = "auto", jvp_max_columns: int = 64
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream per-example gradients and return (pretrained_term, finetuned_term), (K, M)."""
+    """Stream the pretraining data and return (pretrained_term, finetuned_term), (K, M).
+
+    ``score[t, j] = r(t) . grad l(z_j) / M`` is the directional derivative of l(z_j) along r(t):
+
+    * ``"jvp"``: one forward-mode pass per direction (``jvp`` under ``vmap`` over the 2K
+      columns); no per-example gradient is ever formed, cost ~ 2K forward passes.
+    * ``"gradients"``: per-example gradients per parameter tensor, contracted block by block
+      with all 2K directions at once; cost ~ one per-example backward pass.
+    * ``"auto"``: jvp up to ``jvp_max_columns`` columns (2K), where the two cost about the same
+      on a 2-core CPU (benchmarks/engine_bench.py).
+    """
     x, y = task.pretrain_data
     m, k = len(x), directions.r_pre.shape[1]
     r = torch.cat([directions.r_pre, directions.r_ft], 1) / m
+    if method == "auto":
+        method = "jvp" if 2 * k <= jvp_max_columns else "gradients"
+    if method not in ("jvp", "gradients"):
+        raise ValueError(f"unknown scoring method {method!r}; use jvp, gradients or auto")
+    base = fit.backbone_pre
+    nu = task.u_layout.numel
+    theta = torch.cat([task.tracked(base), fit.w])
+    r_blocks = torch.split(r, [s.numel() for s in task.u_layout.shapes + task.w_layout.shapes])
     out = torch.empty(m, 2 * k, dtype=r.dtype)
     for start in range(0, m, batch_size):
         sl = slice(start, min(start + batch_size, m))
-        g = per_example_gradients(task, fit, x[sl], y[sl])
-        _check_finite("pretraining per-example gradient", g,
-                      f"pretraining example (offset {start})")
-        out[sl] = g @ r
+        xb, yb = x[sl], y[sl]
+        if method == "jvp":
+            def losses(th: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
+                return task.pretrain_loss(task.pretrain_outputs(base, th[nu:], xb, th[:nu]), yb)
+
+            out[sl] = vmap(lambda v, f=losses: jvp(f, (theta,), (v,))[1],
+                           in_dims=1, out_dims=1)(r)
+        else:
+            acc = torch.zeros(sl.stop - sl.start, 2 * k, dtype=r.dtype)
+            for g, rb in zip(per_example_gradient_blocks(task, fit, xb, yb), r_blocks,
+                             strict=True):
+                acc.addmm_(g, rb)
+            out[sl] = acc
+        # A NaN/inf anywhere in an example's gradient makes its row of the product non-finite.
+        _check_finite("pretraining score", out[sl], "pretraining example", offset=start)
         if progress is not None:
             progress(sl.stop, m)
     return out[:, :k].T.contiguous(), out[:, k:].T.contiguous()
@@ -188,7 +239,8 @@ def compute_scores(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
     timings: dict[str, float] = {}
     directions = influence_directions(task, fit, x_test, y_test, args, timings)
     t0 = time.perf_counter()
-    pre, ft = score_pretraining(task, fit, directions, args.batch_size, progress)
+    pre, ft = score_pretraining(task, fit, directions, args.batch_size, progress,
+                                method=args.scoring_method)
     timings["scoring"] = time.perf_counter() - t0
     settings = {
         "scenario": task.scenario,

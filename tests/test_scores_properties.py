@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from engine.curvature import NonFiniteCurvatureError
 from engine.scores import (
     InfluenceArguments,
     ScoringError,
     compute_scores,
     influence_directions,
     per_example_gradients,
+    score_pretraining,
 )
 from engine.solvers import CGSolver
 from engine.task import TaskError, TwoStageTask
@@ -135,15 +137,21 @@ def test_nan_loss_is_reported_during_training():
         fit_two_stage(task)
 
 
-def test_nan_at_scoring_time_names_the_example():
+def test_nan_at_scoring_time_is_reported():
+    """Trained parameters brought in from elsewhere, data with a NaN: the curvature says so, and
+    the scoring pass names the example."""
     task, xt, yt = mlp_task("fixed")
     fit = fit_two_stage(task, tolerance=TOL)
+    directions = influence_directions(task, fit, xt, yt, InfluenceArguments())
     x, y = task.pretrain_data
     x = x.clone()
     x[5, 0] = float("nan")
     task.pretrain_data = (x, y)
-    with pytest.raises(ScoringError, match="non-finite"):
-        compute_scores(task, fit, xt, yt, InfluenceArguments(batch_size=4))
+    with pytest.raises(NonFiniteCurvatureError, match="NaN or infinite"):
+        compute_scores(task, fit, xt, yt)
+    for method in ("jvp", "gradients"):
+        with pytest.raises(ScoringError, match="non-finite.*pretraining example #5"):
+            score_pretraining(task, fit, directions, batch_size=4, method=method)
 
 
 def test_mismatched_test_inputs_and_targets():
@@ -163,3 +171,13 @@ def test_bad_settings():
         TwoStageTask(b, p, f, _data(), _data(classes=2), scenario="frozen")
     with pytest.raises(ValueError, match="unknown parameter names"):
         TwoStageTask(b, p, f, _data(), _data(classes=2), tracked_backbone=["nope"])
+
+
+def test_jvp_and_gradient_scoring_agree(fitted):
+    """The two scoring passes (forward-mode directional derivatives, per-example gradients)."""
+    task, fit, xt, yt = fitted
+    a = compute_scores(task, fit, xt, yt, InfluenceArguments(scoring_method="jvp"))
+    b = compute_scores(task, fit, xt, yt, InfluenceArguments(scoring_method="gradients",
+                                                             batch_size=9))
+    torch.testing.assert_close(a.total, b.total, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(a.finetuned_term, b.finetuned_term, rtol=1e-10, atol=1e-13)
