@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--tolerance", type=float, default=1e-10,
                      help="gradient-norm tolerance of every retrain, both stages")
     val.add_argument("--max-iter", type=int, default=300,
-                     help="L-BFGS iterations per stage before the Newton polish of a retrain")
+                     help="L-BFGS iterations per stage in a retrain's first round (then the "
+                          "trainer's Newton polish)")
+    val.add_argument("--max-rounds", type=int, default=5,
+                     help="training rounds per retrain until the tolerance is met; each "
+                          "continues the last with twice the iterations")
     val.set_defaults(func=_cmd_validate)
     return p
 

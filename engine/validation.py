@@ -22,6 +22,8 @@ retrain is warm-started from the reference (pretraining from (U*, W*), finetunin
 solution with the new backbone) and run to a gradient-norm tolerance (default 1e-10) far below
 the run's, because the pretraining Hessian's smallest eigenvalue can be ~1e-5: a gradient norm
 of 1e-7 leaves parameter errors of order 1e-7 / lambda_min ~ 1e-2, as big as the effects measured.
+A retrain that ends above the tolerance is continued from where it stopped, with twice the
+L-BFGS iterations, for up to ``max_rounds`` rounds; what remains unconverged is reported.
 
 Each retrain is an independent job for a ``ProcessPoolExecutor`` (default min(2, CPUs) workers,
 one torch thread each); every worker rebuilds the task once from the run directory.
@@ -85,7 +87,8 @@ class ValidationSettings:
     seed: int = 0
     noise_ids: str | None = None           # None: corrupted_ids.txt beside the pretraining file
     tolerance: float = 1e-10               # gradient-norm tolerance of every retrain, both stages
-    max_iter: int = 300                    # L-BFGS iterations before the trainer's Newton polish
+    max_iter: int = 300                    # L-BFGS iterations of a retrain's first round
+    max_rounds: int = 5                    # rounds (each continues the last, 2x iterations)
     max_test_points: int = 10
 
     def check(self) -> None:
@@ -102,6 +105,8 @@ class ValidationSettings:
             raise ValidationError(f"--tolerance must be > 0, got {self.tolerance}")
         if self.max_iter < 1:
             raise ValidationError(f"--max-iter must be >= 1, got {self.max_iter}")
+        if self.max_rounds < 1:
+            raise ValidationError(f"--max-rounds must be >= 1, got {self.max_rounds}")
 
     @property
     def n_workers(self) -> int:
@@ -121,17 +126,19 @@ def _arrays_to_fit(arrays: dict[str, np.ndarray], dtype: torch.dtype) -> TwoStag
 
 
 def _init_worker(run_path: str, reference: dict[str, np.ndarray], tolerance: float,
-                 max_iter: int) -> None:
+                 max_iter: int, max_rounds: int) -> None:
     """Worker initializer: one torch thread; rebuild the task once from the run directory."""
     torch.set_num_threads(1)
     run = artifacts.load_run(run_path, verify_hashes=False)
     _, task, _ = task_from_run(run)
-    _set_worker_state(task, _arrays_to_fit(reference, task.dtype), tolerance, max_iter)
+    _set_worker_state(task, _arrays_to_fit(reference, task.dtype), tolerance, max_iter,
+                      max_rounds)
 
 
 def _set_worker_state(task: TwoStageTask, reference: TwoStageFit, tolerance: float,
-                      max_iter: int) -> None:
-    _WORKER.update(task=task, reference=reference, tolerance=tolerance, max_iter=max_iter)
+                      max_iter: int, max_rounds: int) -> None:
+    _WORKER.update(task=task, reference=reference, tolerance=tolerance, max_iter=max_iter,
+                   max_rounds=max_rounds)
 
 
 def _retrain(removed: tuple[int, ...]) -> dict[str, Any]:
@@ -141,15 +148,25 @@ def _retrain(removed: tuple[int, ...]) -> dict[str, Any]:
     weights = torch.ones(task.n_pretrain, dtype=task.dtype)
     weights[list(removed)] = 0.0
     start = time.perf_counter()
+    fit = _WORKER["reference"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotConvergedWarning)
-            fit = fit_two_stage(task, tolerance=(tol, tol), max_iter=(max_iter, max_iter),
-                                sample_weights=weights, warm_start=_WORKER["reference"])
+            # Large removals (groups) can need more than one round: each round continues from
+            # the previous one's result with twice the L-BFGS iterations (then the trainer's
+            # Newton polish); near a saddle the Newton polish stalls and only L-BFGS progresses.
+            rounds = 0
+            while rounds < _WORKER["max_rounds"]:
+                rounds += 1
+                limit = max_iter * 2 ** (rounds - 1)
+                fit = fit_two_stage(task, tolerance=(tol, tol), max_iter=(limit, limit),
+                                    sample_weights=weights, warm_start=fit)
+                if max(fit.pretrain.final_grad_norm, fit.finetune.final_grad_norm) <= tol:
+                    break
     except TrainingError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - start}
     return {"params": _fit_to_arrays(fit), "seconds": time.perf_counter() - start,
-            "pretrain_grad_norm": fit.pretrain.final_grad_norm,
+            "rounds": rounds, "pretrain_grad_norm": fit.pretrain.final_grad_norm,
             "finetune_grad_norm": fit.finetune.final_grad_norm}
 
 
@@ -163,7 +180,8 @@ def run_retrains(jobs: Sequence[tuple[int, ...]], run_path: Path, task: TwoStage
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            _set_worker_state(task, reference, settings.tolerance, settings.max_iter)
+            _set_worker_state(task, reference, settings.tolerance, settings.max_iter,
+                              settings.max_rounds)
             for i, job in enumerate(jobs):
                 results[i] = _retrain(job)
                 if progress:
@@ -175,7 +193,7 @@ def run_retrains(jobs: Sequence[tuple[int, ...]], run_path: Path, task: TwoStage
     ex = cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
         initargs=(str(run_path), _fit_to_arrays(reference), settings.tolerance,
-                  settings.max_iter))
+                  settings.max_iter, settings.max_rounds))
     try:
         futures = {ex.submit(_retrain, job): i for i, job in enumerate(jobs)}
         for done, fut in enumerate(cf.as_completed(futures), 1):
@@ -352,7 +370,7 @@ def _loo_section(ctx: _Context, rows: np.ndarray, roles: dict[tuple[int, int], s
                 "actual_pretrained_term": float(through_backbone[a]),
                 "actual_finetuned_term": float(through_head[a]),
                 "pretrain_grad_norm": res["pretrain_grad_norm"],
-                "finetune_grad_norm": res["finetune_grad_norm"],
+                "finetune_grad_norm": res["finetune_grad_norm"], "rounds": res["rounds"],
             })
     df = pd.DataFrame.from_records(records)
     if df.empty:
@@ -397,13 +415,15 @@ def _group_section(ctx: _Context, settings: ValidationSettings, group_jobs: list
     """Actual vs predicted effect of removing groups on the misclassified points."""
     tg = ctx.score_rows[ctx.targeted]
     label = ctx.y_test.numpy()
+    ex_ids = ctx.run.pretrain_examples["example_id"].astype(str).to_numpy()
     pred0, loss0, meas0 = _predict(ctx, ctx.reference)
     rows = []
     for job, res in zip(group_jobs, results, strict=True):
         row = {"kind": job["kind"], "k": job["k"], "draw": job["draw"],
                "predicted_change": float(total[ctx.targeted][:, job["removed"]].sum(1).mean())}
+        tail = {"removed_ids": " ".join(ex_ids[job["removed"]])}
         if "error" in res:
-            rows.append({**row, "error": res["error"]})
+            rows.append({**row, "error": res["error"], **tail})
             continue
         pred1, loss1, meas1 = _predict(ctx, _arrays_to_fit(res["params"], ctx.task.dtype))
         row.update({
@@ -415,7 +435,7 @@ def _group_section(ctx: _Context, settings: ValidationSettings, group_jobs: list
             "test_accuracy_after": float((pred1 == label).mean()),
             "test_mean_loss_change": float(loss1.mean() - loss0.mean()),
             "pretrain_grad_norm": res["pretrain_grad_norm"],
-            "finetune_grad_norm": res["finetune_grad_norm"],
+            "finetune_grad_norm": res["finetune_grad_norm"], "rounds": res["rounds"], **tail,
         })
         rows.append(row)
     df = pd.DataFrame.from_records(rows)
@@ -632,7 +652,8 @@ def _checks(loo: dict[str, Any], group: dict[str, Any] | None, noise: dict[str, 
                     f"{conv['n_retrains']} retrains converged (largest final gradient norm: "
                     f"pretraining {_fmt(conv['max_pretrain_grad_norm'], '.1e')}, finetuning "
                     f"{_fmt(conv['max_finetune_grad_norm'], '.1e')}; tolerance "
-                    f"{settings.tolerance:g})"),
+                    f"{settings.tolerance:g}); {conv['n_multi_round']} needed more than one "
+                    f"training round"),
         **conv})
     return checks
 
@@ -769,6 +790,8 @@ def _validate(run_dir: Path, settings: ValidationSettings,
         "median_pretrain_grad_norm": float(np.median([r["pretrain_grad_norm"] for r in ok]))
         if ok else None,
         "mean_retrain_seconds": float(np.mean([r["seconds"] for r in results])),
+        "max_rounds_used": max((r["rounds"] for r in ok), default=None),
+        "n_multi_round": sum(r["rounds"] > 1 for r in ok),
     }
 
     t0 = time.perf_counter()
@@ -849,5 +872,6 @@ def main(ns: argparse.Namespace) -> None:
         per_point=ns.per_point, group_sizes=tuple(ns.group_sizes or ()),
         random_draws=ns.random_draws, workers=ns.workers, seed=ns.seed,
         noise_ids=getattr(ns, "noise_ids", None),
-        tolerance=getattr(ns, "tolerance", 1e-10), max_iter=getattr(ns, "max_iter", 300))
+        tolerance=getattr(ns, "tolerance", 1e-10), max_iter=getattr(ns, "max_iter", 300),
+        max_rounds=getattr(ns, "max_rounds", 5))
     validate(ns.run_dir, settings)
