@@ -99,6 +99,31 @@ def _check_table(df: pd.DataFrame, required: tuple[str, ...], id_col: str, name:
         raise RunError(f"{name} has duplicate {id_col} {dup!r}")
 
 
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new temporary directory in ``parent`` with the umask's permissions (mkdtemp's 0700
+    would hide finished results from other users of a shared runs directory)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``out``.
+
+    An existing ``out`` is moved aside first and deleted only once the new one is in place, so
+    a crash never leaves neither.
+    """
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def write_run(
     out_dir: str | os.PathLike,
     manifest: dict[str, Any],
@@ -135,7 +160,7 @@ def write_run(
         raise RunError("map coordinates must have shapes (n_pretrain, 2) and (n_test, 2)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out.parent, f".{out.name}.partial-")
     try:
         (tmp / "scores").mkdir()
         (tmp / "map").mkdir()
@@ -170,14 +195,7 @@ def write_run(
             files=files,
         )
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            # Swap in two renames so the old run is never deleted before the new one is in place.
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "run")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

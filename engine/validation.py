@@ -42,7 +42,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -661,20 +660,11 @@ def _checks(loo: dict[str, Any], group: dict[str, Any] | None, noise: dict[str, 
 def _write_atomic(run_path: Path, files: dict[str, Callable[[Path], None]]) -> Path:
     """Write all files into a temp dir, then swap it in as ``validation/``."""
     out = run_path / VALIDATION_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{VALIDATION_DIR}.partial-", dir=run_path))
+    tmp = artifacts.staging_dir(run_path, f".{VALIDATION_DIR}.partial-")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide results from other users
         for name, writer in files.items():
             writer(tmp / name)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{VALIDATION_DIR}.old-", dir=run_path))
-            os.replace(out, trash / VALIDATION_DIR)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        artifacts.swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
