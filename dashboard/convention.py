@@ -5,11 +5,8 @@ Kept in one place so the legend, the charts and the exported manifests can never
 
 from __future__ import annotations
 
-SCORE_CONVENTION = (
-    "score = predicted change of the test loss if the pretraining example is removed and both "
-    "stages are retrained; score > 0: helpful; score < 0: harmful; "
-    "total = pretrained_term + finetuned_term."
-)
+# Re-exported: the engine owns the wording, the dashboard owns the colours.
+from engine.convention import SCORE_CONVENTION as SCORE_CONVENTION
 
 #: Colour of positive (helpful) scores everywhere in the dashboard.
 HELPFUL_COLOR = "#2166ac"

@@ -32,14 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.convention import SCORE_CONVENTION
+
 SCHEMA_VERSION = 1
 
-SCORE_CONVENTION = (
-    "score = predicted change of the test loss if the pretraining example is removed and both "
-    "stages are retrained; score > 0: removing it would raise the test loss, so the example is "
-    "helpful; score < 0: removing it would lower the test loss, so the example is harmful. "
-    "total = pretrained_term + finetuned_term."
-)
 
 SCORE_NAMES = ("total", "pretrained_term", "finetuned_term")
 MANIFEST = "manifest.json"

@@ -284,7 +284,6 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     }
     model_arrays = {"backbone_pre": fit.backbone_pre.numpy(), "w": fit.w.numpy(),
                     "backbone_ft": fit.backbone_ft.numpy(), "t": fit.t.numpy()}
-    timings["write"] = 0.0
     timings["total"] = round(time.perf_counter() - t_all, 3)
     path = artifacts.write_run(
         out, manifest, test_df, pre_df,
@@ -294,7 +293,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     echo(f"wrote {path} in {time.perf_counter() - t_all:.1f}s: test accuracy "
          f"{correct.mean():.3f}, {n_mis} of {len(correct)} test points misclassified; "
          "time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()
-                                        if k not in ("write", "total")))
+                                        if k != "total"))
     return path
 
 

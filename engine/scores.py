@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from engine.convention import SCORE_CONVENTION
 from engine.curvature import (
     finetune_cross_matvec,
     finetune_head_hessian,
@@ -38,12 +39,6 @@ from engine.task import TwoStageTask
 from engine.training import TwoStageFit
 
 log = logging.getLogger(__name__)
-
-SCORE_CONVENTION = (
-    "score = predicted change of the test loss if the pretraining example is removed and both "
-    "stages are retrained; score > 0: helpful; score < 0: harmful; "
-    "total = pretrained_term + finetuned_term"
-)
 
 
 class ScoringError(ValueError):
