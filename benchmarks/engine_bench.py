@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -63,6 +62,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine import solvers as engine_solvers  # noqa: E402
+from engine.config import SCORING_METHODS  # noqa: E402
 from engine.scores import (  # noqa: E402
     Directions,
     InfluenceArguments,
@@ -83,20 +83,13 @@ TARGETS = {
     "speed-up over the naive loop": ">= 10x",
     "scoring memory vs M": "independent of M apart from the output",
 }
-METHODS = ("auto", "jvp", "gradients")
-# score_pretraining's own threshold for "auto" (read, not copied, so the label stays right).
-JVP_MAX_COLUMNS: int = inspect.signature(score_pretraining).parameters["jvp_max_columns"].default
+METHODS = SCORING_METHODS
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MB = 1024 * 1024
 # The solvers' "not positive definite" error (renamed once; both names are ValueErrors).
 NotPositiveDefinite: type[Exception] = getattr(
     engine_solvers, "NotPositiveDefiniteError",
     getattr(engine_solvers, "CurvatureNotPositiveDefinite", ValueError))
-
-
-def auto_method(k: int) -> str:
-    """The method ``score_pretraining(method="auto")`` runs for K test points (2K columns)."""
-    return "jvp" if 2 * k <= JVP_MAX_COLUMNS else "gradients"
 
 
 # ----- setup ---------------------------------------------------------------------------------
@@ -313,8 +306,9 @@ def warm_up(task: TwoStageTask, fit: TwoStageFit, batch_size: int, seed: int) ->
     x, y = task.pretrain_data
     small = dataclasses.replace(task, pretrain_data=(x[:batch_size], y[:batch_size]))
     directions = random_directions(small, 1, seed)
-    for method in ("jvp", "gradients"):
+    for method in ("layerwise", "jvp", "gradients"):
         score_pretraining(small, fit, directions, batch_size, method=method)
+    score_pretraining(small, fit, directions, batch_size, method="layerwise", direction_rank=4)
 
 
 def sgemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -330,7 +324,12 @@ def sgemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
 
 
 def exact_score_floor_flops(m: int, p: int, k: int) -> float:
-    """Forward (2MP) + per-example weight gradients (2MP) + contraction with 2K columns (4KMP)."""
+    """Forward (2MP) + backward to the layer outputs (~2MP) + contraction with 2K columns (4KMP).
+
+    The contraction ``g^T V a`` of each per-example gradient ``g a^T`` with each direction
+    ``V`` costs ``2 d_in d_out`` flops however it is associated, so exact per-pair scores
+    cannot go below this.
+    """
     return (4 * k + 4) * m * p
 
 
@@ -354,10 +353,11 @@ def memory_child(cfg: argparse.Namespace) -> None:
     before = current_rss_mb()
     reset_peak()
     t0 = time.perf_counter()
-    score_pretraining(task, fit, directions, cfg.batch_size, method=cfg.mem_variant)
+    info: dict = {}
+    score_pretraining(task, fit, directions, cfg.batch_size, method=cfg.mem_variant, info=info)
     seconds = time.perf_counter() - t0
     peak = peak_rss_mb()
-    method = auto_method(k) if cfg.mem_variant == "auto" else cfg.mem_variant
+    method = info["method"]
     print(json.dumps({"variant": cfg.mem_variant, "method": method, "M": len(x), "K": k,
                       "peak_rss_mb": peak, "rss_before_scoring_mb": before,
                       "input_mb": input_mb, "output_mb": output_mb,
@@ -405,9 +405,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--finetune-damping", type=float, default=1e-3)
     p.add_argument("--naive-examples", type=int, default=500,
                    help="examples timed with the naive loop (extrapolated per example)")
-    p.add_argument("--variants", nargs="*", default=["jvp", "gradients"],
-                   choices=["jvp", "gradients"],
-                   help="methods timed besides the auto headline (none: --variants)")
+    p.add_argument("--variants", nargs="*", default=["layerwise", "jvp", "gradients"],
+                   choices=["layerwise", "jvp", "gradients"],
+                   help="exact methods timed besides the auto headline (none: --variants)")
+    p.add_argument("--ranks", type=int, nargs="*", default=[8, 16],
+                   help="direction ranks of the APPROXIMATE layerwise variants (none: --ranks)")
     p.add_argument("--agree-rtol", type=float, default=1e-4,
                    help="max |score - naive| / max |naive| for a method to count as agreeing")
     p.add_argument("--mem-ms", type=int, nargs="+", default=[5_000, 10_000, 20_000])
@@ -430,21 +432,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def time_method(task: TwoStageTask, fit: TwoStageFit, directions: Directions, method: str,
                 naive: torch.Tensor, per_example_naive: float, epoch_s: float,
-                cfg: argparse.Namespace) -> dict:
+                cfg: argparse.Namespace, rank: int | None = None) -> dict:
     """Time score_pretraining(method=...) and compare its scores with the naive loop's."""
     k, n = directions.r_pre.shape[1], len(naive)
+    info: dict = {}
     reset_peak()
-    res = timed(lambda: score_pretraining(task, fit, directions, cfg.batch_size, method=method),
-                cfg.repeats)
+    res = timed(lambda: score_pretraining(task, fit, directions, cfg.batch_size, method=method,
+                                          direction_rank=rank, info=info), cfg.repeats)
     res["peak_rss_mb"] = peak_rss_mb()
     pre, ft = res.pop("result")
-    res["runs"] = auto_method(k) if method == "auto" else method
+    res["scores"] = torch.cat([pre, ft])  # kept in memory only, for the approximate variants
+    res["runs"] = info["method"]
+    res["direction_rank"] = info.get("direction_rank")
     res["max_rel_diff_vs_naive"] = max(max_rel_diff(pre[:, :n], naive[:, :k].T),
                                        max_rel_diff(ft[:, :n], naive[:, k:].T))
+    res["exact"] = rank is None
     res["agrees_with_naive"] = res["max_rel_diff_vs_naive"] <= cfg.agree_rtol
     res["scoring_over_epoch"] = res["median_s"] / epoch_s
     res["speedup_vs_naive"] = per_example_naive / (res["median_s"] / cfg.n_pretrain)
     return res
+
+
+def accuracy_vs_exact(approx: torch.Tensor, exact: torch.Tensor, top: int = 10) -> dict:
+    """Per score column (test point x term): Pearson, and overlap of the ``top`` most harmful
+    and most helpful examples; means over the columns."""
+    a, e = approx.double(), exact.double()
+    ac, ec = a - a.mean(1, keepdim=True), e - e.mean(1, keepdim=True)
+    pearson = (ac * ec).sum(1) / (ac.norm(dim=1) * ec.norm(dim=1)).clamp_min(1e-300)
+
+    def overlap(largest: bool) -> float:
+        ia = a.topk(top, dim=1, largest=largest).indices
+        ie = e.topk(top, dim=1, largest=largest).indices
+        common = sum(len(set(x.tolist()) & set(y.tolist()))
+                     for x, y in zip(ia, ie, strict=True))
+        return common / (top * len(a))
+
+    return {"pearson_mean": float(pearson.mean()), "pearson_min": float(pearson.min()),
+            f"top{top}_harmful_overlap": overlap(False), f"top{top}_helpful_overlap": overlap(True),
+            "relative_error": float((a - e).norm() / e.norm())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,12 +488,13 @@ def main(argv: list[str] | None = None) -> int:
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "dtype": cfg.dtype,
            "loadavg_start": load_start, "sgemm_gflops": sgemm_gflops(task.dtype)}
     methods = ["auto", *[m for m in cfg.variants if m != "auto"]]
+    approximate = {f"rank{r}": r for r in cfg.ranks}
     print(f"engine benchmark: MLP {cfg.input_dim} -> {' -> '.join(map(str, cfg.hidden))} tanh, "
           f"heads {cfg.pre_classes}/{cfg.ft_classes}; n_u={n_u:,} n_w={n_w:,} n_t={n_t:,} "
           f"(pretraining parameters {n_u + n_w:,}); M={cfg.n_pretrain:,}, {cfg.dtype}, "
           f"scenario {cfg.scenario}, batch {cfg.batch_size}, {env['threads']} thread(s), "
-          f"{cfg.repeats} repeat(s); scoring methods {methods} (auto = jvp while 2K <= "
-          f"{JVP_MAX_COLUMNS}); sgemm {env['sgemm_gflops']:.0f} GFLOP/s; load average "
+          f"{cfg.repeats} repeat(s); exact scoring methods {methods}, approximate "
+          f"{list(approximate)}; sgemm {env['sgemm_gflops']:.0f} GFLOP/s; load average "
           f"{load_start} on {env['cpus']} CPUs")
 
     # Training.
@@ -528,6 +554,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['speedup_vs_naive']:.1f}x naive; max rel diff vs naive "
                   f"{res['max_rel_diff_vs_naive']:.1e}"
                   + ("" if res["agrees_with_naive"] else "  DISAGREES"))
+        exact_scores = row["methods"]["auto"]["scores"]
+        for name, rank in approximate.items():
+            res = time_method(task, fit, directions, "layerwise", naive, per_example_naive,
+                              ep["median_s"], cfg, rank=rank)
+            res["accuracy_vs_exact"] = accuracy_vs_exact(res["scores"], exact_scores)
+            row["methods"][name] = res
+            acc = res["accuracy_vs_exact"]
+            print(f"        {name:16}: scoring median {res['median_s']:7.3f} s {res['runs_s']} "
+                  f"cpu/wall {res['cpu_over_wall']}; {res['scoring_over_epoch']:.1f}x epoch, "
+                  f"{res['speedup_vs_naive']:.1f}x naive; APPROXIMATE: Pearson vs exact "
+                  f"{acc['pearson_mean']:.3f} (min {acc['pearson_min']:.3f}), top-10 harmful "
+                  f"overlap {acc['top10_harmful_overlap']:.0%}, kept (estimated) "
+                  f"{res['direction_rank']['kept_overall']:.1%}")
+        for res in row["methods"].values():
+            del res["scores"]
         per_k.append(row)
 
     # Memory in fresh subprocesses.
@@ -548,13 +589,13 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v)
                           for k, v in vars(cfg).items() if not k.startswith("mem_child")},
                "env": env, "n_params": {"u": n_u, "w": n_w, "t": n_t},
-               "jvp_max_columns": JVP_MAX_COLUMNS, "targets": TARGETS,
+               "targets": TARGETS,
                "training": train_info, "plain_epoch": ep, "per_k": per_k, "memory": memory,
                "memory_verdict": {v: memory_verdict(rows) for v, rows in memory.items()}}
     cfg.json.write_text(json.dumps(payload, indent=2, default=str))
     print(f"\nwrote {cfg.json}")
     disagree = [(r["K"], m) for r in per_k for m, res in r["methods"].items()
-                if not res["agrees_with_naive"]]
+                if res["exact"] and not res["agrees_with_naive"]]
     if disagree:
         print(f"ERROR: scores disagree with the naive loop beyond {cfg.agree_rtol:g}: {disagree}")
         return 1
@@ -623,30 +664,45 @@ def report(cfg: argparse.Namespace, env: dict, n_params: int, train_info: dict, 
                   f"{r['output_mb']:>7.2f} {r['peak_minus_output_input_mb']:>12.1f} "
                   f"{r['scoring_increment_mb']:>18.1f} {r['seconds']:>8.2f}")
 
-    print("\ntargets (headline: method='auto'):")
+    print("\ntargets (headline: method='auto', exact scores; rank-r variants are APPROXIMATE "
+          "and listed with their accuracy against the exact scores):")
     k8 = next((r for r in per_k if r["K"] == 8), None)
     if k8 is not None:
         v = k8["methods"]["auto"]["scoring_over_epoch"]
-        best = min(k8["methods"].items(), key=lambda kv: kv[1]["scoring_over_epoch"])
-        print(f"  scoring / epoch at K=8 {TARGETS['scoring / epoch at K=8']}: auto {v:.1f}x -> "
-              f"{'met' if v <= 3 else 'MISSED'}; best method {best[0]} "
-              f"{best[1]['scoring_over_epoch']:.1f}x; arithmetic floor of exact scores "
-              f"(4K+4)/6 = {k8['floor']['over_epoch_flops']:.1f}x")
+        exact = {m: r for m, r in k8["methods"].items() if r["exact"]}
+        best = min(exact.items(), key=lambda kv: kv[1]["scoring_over_epoch"])
+        print(f"  scoring / epoch at K=8 {TARGETS['scoring / epoch at K=8']}: auto "
+              f"({k8['methods']['auto']['runs']}) {v:.1f}x -> {'met' if v <= 3 else 'MISSED'}; "
+              f"best exact method {best[0]} {best[1]['scoring_over_epoch']:.1f}x; arithmetic "
+              f"floor of exact scores (4K+4)/6 = {k8['floor']['over_epoch_flops']:.1f}x")
+        for name, res in k8["methods"].items():
+            if res["exact"]:
+                continue
+            acc = res["accuracy_vs_exact"]
+            print(f"    approximate {name}: {res['scoring_over_epoch']:.1f}x -> "
+                  f"{'met' if res['scoring_over_epoch'] <= 3 else 'MISSED'}, at Pearson "
+                  f"{acc['pearson_mean']:.3f} with the exact scores, top-10 harmful overlap "
+                  f"{acc['top10_harmful_overlap']:.0%}")
     for row in per_k:
         s = row["methods"]["auto"]["speedup_vs_naive"]
-        best = max(row["methods"].items(), key=lambda kv: kv[1]["speedup_vs_naive"])
+        exact = {m: r for m, r in row["methods"].items() if r["exact"]}
+        best = max(exact.items(), key=lambda kv: kv[1]["speedup_vs_naive"])
+        approx = ", ".join(f"{m} {r['speedup_vs_naive']:.1f}x" for m, r in row["methods"].items()
+                           if not r["exact"])
         print(f"  speed-up over naive at K={row['K']} {TARGETS['speed-up over the naive loop']}: "
-              f"auto {s:.1f}x -> {'met' if s >= 10 else 'MISSED'}; best method {best[0]} "
+              f"auto {s:.1f}x -> {'met' if s >= 10 else 'MISSED'}; best exact method {best[0]} "
               f"{best[1]['speedup_vs_naive']:.1f}x; cap at the floor "
-              f"{row['floor']['max_speedup_vs_naive']:.1f}x")
+              f"{row['floor']['max_speedup_vs_naive']:.1f}x"
+              + (f"; approximate: {approx}" if approx else ""))
     for variant, rows in memory.items():
         v = memory_verdict(rows)
         print(f"  memory vs M ({variant}): peak - output - input changes by "
               f"{v['growth_mb']:+.1f} MB from M={rows[0]['M']:,} to M={rows[-1]['M']:,} "
               f"(scoring working set ~{v['working_set_mb']:.0f} MB) -> "
               f"{'independent of M (met)' if v['flat'] else 'GROWS with M (MISSED)'}")
-    agree = [res["max_rel_diff_vs_naive"] for r in per_k for res in r["methods"].values()]
-    print(f"  agreement with the naive loop: max rel diff {max(agree):.1e} "
+    agree = [res["max_rel_diff_vs_naive"] for r in per_k for res in r["methods"].values()
+             if res["exact"]]
+    print(f"  agreement of the exact methods with the naive loop: max rel diff {max(agree):.1e} "
           f"(tolerance {cfg.agree_rtol:g}) -> "
           f"{'all methods agree' if max(agree) <= cfg.agree_rtol else 'DISAGREE'}")
 

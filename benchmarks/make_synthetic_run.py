@@ -55,7 +55,8 @@ def _payload(rng: np.random.Generator, digits: np.ndarray, protos: np.ndarray,
 
 def make_synthetic_run(out: str | Path, n_pretrain: int = 1100, n_test: int = 200,
                        seed: int = 0, render: str = "image", flip_rate: float = 0.08,
-                       rank: int = 6, converged: bool = True, overwrite: bool = True) -> Path:
+                       rank: int = 6, converged: bool = True, overwrite: bool = True,
+                       approximation: str | None = None) -> Path:
     """Write the run and return its path (replacing an existing one when ``overwrite``)."""
     rng = np.random.default_rng(seed)
     protos = _prototypes(rng)
@@ -130,7 +131,7 @@ def make_synthetic_run(out: str | Path, n_pretrain: int = 1100, n_test: int = 20
                    "finetune": dict(stage, converged=converged,
                                     final_grad_norm=1e-7 if converged else 3e-2)},
         "tracked_backbone": "all",
-        "approximation": None,
+        "approximation": approximation,
         "metrics": {"test_accuracy": float((~wrong).mean()), "n_test": n_test,
                     "n_misclassified": int(wrong.sum()), "pretrain_train_accuracy": 0.97,
                     "finetune_train_accuracy": 0.95},

@@ -24,6 +24,7 @@ RENDERS = ("image", "text", "none")
 ACTIVATIONS = ("tanh", "softplus", "gelu", "sigmoid")
 SCENARIOS = ("fixed", "updated")
 SOLVERS = ("exact", "cg", "lissa")
+SCORING_METHODS = ("auto", "layerwise", "jvp", "gradients")
 MEASUREMENTS = ("loss", "margin", "log_prob")
 TEST_POINT_MODES = ("all", "misclassified")
 MAP_METHODS = ("umap", "pca")
@@ -88,6 +89,8 @@ class InfluenceConfig:
     test_points: str | tuple[str, ...] = "all"  # "all", "misclassified" or test ids
     batch_size: int = 512
     tracked_backbone: str | tuple[str, ...] = "all"  # "all" or backbone parameter names
+    scoring_method: str = "auto"
+    direction_rank: int | None = None  # None: exact scores; r >= 1: rank-r approximation
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,9 @@ def _influence(r: _Reader) -> InfluenceConfig:
         test_points=r.get_mode_or_list("test_points", TEST_POINT_MODES, "test ids", ids=True),
         batch_size=r.get_int("batch_size", d.batch_size, low=1),
         tracked_backbone=r.get_mode_or_list("tracked_backbone", ("all",), "parameter names"),
+        scoring_method=r.get_choice("scoring_method", d.scoring_method, SCORING_METHODS),
+        direction_rank=(r.get_int("direction_rank", 1, low=1)
+                        if "direction_rank" in r.table else None),
     )
 
 

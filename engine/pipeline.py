@@ -221,12 +221,16 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     args = InfluenceArguments(
         pretrain_damping=cfg.pretrain.damping, finetune_damping=cfg.finetune.damping,
         pretrain_solver=make_solver(inf.solver), finetune_solver=make_solver(inf.solver),
-        batch_size=inf.batch_size)
+        batch_size=inf.batch_size, scoring_method=inf.scoring_method,
+        direction_rank=inf.direction_rank)
+    rank = f", directions of rank {inf.direction_rank}" if inf.direction_rank else ""
     echo(f"scoring {len(rows)} test points x {len(pre_x)} pretraining examples "
-         f"(solver {inf.solver})")
+         f"(solver {inf.solver}{rank})")
     scores = compute_scores(task, fit, x_test[rows], y_test[rows], args,
                             progress=Progress("per-example gradients"))
     timings.update({k: round(v, 3) for k, v in scores.timings.items()})
+    if scores.settings["approximation"]:
+        echo(f"NOTE: {scores.settings['approximation']}")
     phase("influence", t0)
 
     t0 = time.perf_counter()
@@ -264,6 +268,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
         "measurement": scores.settings["measurement"],
         "tracked_backbone": scores.settings["tracked_backbone"],
         "approximation": scores.settings["approximation"],
+        "scoring": scores.settings["scoring"],
         "stages": {
             "pretrain": {**scores.settings["pretrain"], **fit.pretrain.summary()},
             "finetune": {**scores.settings["finetune"], **fit.finetune.summary()},

@@ -20,19 +20,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from engine.config import SCORING_METHODS
 from engine.convention import SCORE_CONVENTION
 from engine.curvature import (
     finetune_cross_matvec,
     finetune_head_hessian,
     finetune_joint_hessian,
     pretrain_hessian,
+)
+from engine.linear_contraction import (
+    LinearContraction,
+    find_linear_tensors,
+    matches_reference,
 )
 from engine.solvers import ExactSolver, Solver
 from engine.task import TwoStageTask
@@ -56,6 +62,7 @@ class InfluenceArguments:
     batch_size: int = 512
     curvature_batch_size: int = 1024
     scoring_method: str = "auto"
+    direction_rank: int | None = None   # rank-r directions (layerwise): faster, approximate
 
 
 @dataclass
@@ -138,32 +145,54 @@ def influence_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Ten
     return Directions(s_pre, s_ft, r[:, :k], r[:, k:])
 
 
-def _pretrain_blocks(task: TwoStageTask, fit: TwoStageFit
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                dict[str, torch.Tensor]]:
-    """(full backbone, tracked backbone, head) parameters at (U*, W*) as named tensors."""
-    base = fit.backbone_pre
-    return (task.backbone_layout.unflatten(base), task.u_layout.unflatten(task.tracked(base)),
-            task.w_layout.unflatten(fit.w))
+class _PretrainLosses:
+    """Per-example pretraining losses as a function of the tracked tensors ``[U blocks, W blocks]``.
+
+    ``params`` holds the tracked tensors at (U*, W*), in the order of the rows of the directions
+    (``u_layout`` names, then ``w_layout`` names); untracked backbone tensors stay at U*.
+    """
+
+    def __init__(self, task: TwoStageTask, fit: TwoStageFit) -> None:
+        self.task = task
+        base = fit.backbone_pre
+        self.base_params = task.backbone_layout.unflatten(base)
+        self.u_names, self.w_names = task.u_layout.names, task.w_layout.names
+        self.params = [*task.u_layout.unflatten(task.tracked(base)).values(),
+                       *task.w_layout.unflatten(fit.w).values()]
+
+    def __call__(self, params: Sequence[torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        nu = len(self.u_names)
+        u_p = dict(zip(self.u_names, params[:nu], strict=True))
+        w_p = dict(zip(self.w_names, params[nu:], strict=True))
+        feats = functional_call(self.task.backbone, {**self.base_params, **u_p}, (x,))
+        return self.task.pretrain_loss(functional_call(self.task.pretrain_head, w_p, (feats,)), y)
+
+    def gradient_blocks(self, x: torch.Tensor, y: torch.Tensor,
+                        which: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per-example gradients, one ``(batch, numel)`` block per tracked tensor in ``which``.
+
+        Differentiating w.r.t. named tensors (not slices of one flat vector) matters: the backward
+        of a slice zero-fills and adds a full (batch, n_params) buffer per parameter tensor.
+        """
+        which = list(range(len(self.params))) if which is None else list(which)
+
+        def loss_single(sub: list[torch.Tensor], xj: torch.Tensor,
+                        yj: torch.Tensor) -> torch.Tensor:
+            full = list(self.params)
+            for i, t in zip(which, sub, strict=True):
+                full[i] = t
+            return self(full, xj[None], yj[None]).sum()
+
+        grads = vmap(grad(loss_single), in_dims=(None, 0, 0))(
+            [self.params[i] for i in which], x, y)
+        return [g.reshape(len(x), -1) for g in grads]
 
 
 def per_example_gradient_blocks(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
                                 y: torch.Tensor) -> list[torch.Tensor]:
-    """grad_{U,W} l_pre(z_j) for a batch, one (batch, numel) block per parameter tensor.
-
-    Differentiating w.r.t. named tensors (not slices of one flat vector) matters: the backward of
-    a slice zero-fills and adds a full (batch, n_params) buffer per parameter tensor.
-    """
-    base_params, u_params, w_params = _pretrain_blocks(task, fit)
-
-    def loss_single(u_p: dict, w_p: dict, xj: torch.Tensor, yj: torch.Tensor) -> torch.Tensor:
-        feats = functional_call(task.backbone, {**base_params, **u_p}, (xj[None],))
-        return task.pretrain_loss(functional_call(task.pretrain_head, w_p, (feats,)),
-                                  yj[None]).sum()
-
-    gu, gw = vmap(grad(loss_single, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
-        u_params, w_params, x, y)
-    return [g.reshape(len(x), -1) for g in (*gu.values(), *gw.values())]
+    """grad_{U,W} l_pre(z_j) for a batch, one (batch, numel) block per parameter tensor."""
+    return _PretrainLosses(task, fit).gradient_blocks(x, y)
 
 
 def per_example_gradients(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
@@ -172,48 +201,116 @@ def per_example_gradients(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
     return torch.cat(per_example_gradient_blocks(task, fit, x, y), 1)
 
 
+# Examples used to estimate the layer covariances of a rank-r scoring pass (evenly spaced).
+COVARIANCE_EXAMPLES = 4096
+
+
+def _linear_plan(losses: _PretrainLosses, r_blocks: Sequence[torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, rank: int | None, batch_size: int
+                 ) -> tuple[LinearContraction | None, list[int], str]:
+    """The layerwise contraction for the tensors only linear layers use, checked on 4 examples.
+
+    Returns (contraction or None, tensors left for per-example gradients, why-not message).
+    """
+    probe_x, probe_y = x[:4], y[:4]
+    linear, other = find_linear_tensors(losses, losses.params, probe_x, probe_y)
+    if not linear:
+        return None, other, "no tracked tensor is used only by linear layers"
+    # Check the plan on random directions against vmap(grad) per-example gradients.
+    gen = torch.Generator().manual_seed(0)
+    check_dirs = [torch.randn(b.shape[0], 3, generator=gen, dtype=b.dtype) for b in r_blocks]
+    check = LinearContraction(losses, losses.params, check_dirs, linear)
+    blocks = losses.gradient_blocks(probe_x, probe_y, linear)
+    reference = sum(g @ check_dirs[i] for g, i in zip(blocks, linear, strict=True))
+    if not matches_reference(check, reference, probe_x, probe_y):
+        return None, other, ("the linear layers' inputs and output gradients do not reproduce "
+                             "the per-example gradients (the model may not be batch-first)")
+    cov_rows = torch.linspace(0, len(x) - 1, min(len(x), COVARIANCE_EXAMPLES)).round().long()
+    return LinearContraction(losses, losses.params, r_blocks, linear, rank,
+                             covariance_data=(x[cov_rows], y[cov_rows]),
+                             batch_size=batch_size), other, ""
+
+
 def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directions,
                       batch_size: int = 512,
                       progress: Callable[[int, int], None] | None = None,
-                      method: str = "auto", jvp_max_columns: int = 64
+                      method: str = "auto", jvp_max_columns: int = 64,
+                      direction_rank: int | None = None,
+                      info: dict[str, Any] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream the pretraining data and return (pretrained_term, finetuned_term), (K, M).
 
     ``score[t, j] = r(t) . grad l(z_j) / M`` is the directional derivative of l(z_j) along r(t):
 
+    * ``"layerwise"``: for tensors used only by linear layers (weights and biases of
+      ``nn.Linear``), the dot products come from each layer's inputs and output gradients
+      (:mod:`engine.linear_contraction`): one forward, one backward, and the contraction with the
+      2K directions, the arithmetic floor of exact scores; any other tensor gets per-example
+      gradients as in ``"gradients"``.
     * ``"jvp"``: one forward-mode pass per direction (``jvp`` under ``vmap`` over the 2K
       columns); no per-example gradient is ever formed, cost ~ 2K forward passes.
     * ``"gradients"``: per-example gradients per parameter tensor, contracted block by block
       with all 2K directions at once; cost ~ one per-example backward pass.
-    * ``"auto"``: jvp up to ``jvp_max_columns`` columns (2K), where the two cost about the same
-      on a 2-core CPU (benchmarks/engine_bench.py).
+    * ``"auto"``: ``"layerwise"`` when every tracked tensor is used only by linear layers (and
+      that plan passes its check against per-example gradients), else jvp up to
+      ``jvp_max_columns`` columns (2K) and gradients above (benchmarks/engine_bench.py).
+
+    ``direction_rank`` (layerwise only) replaces each direction's weight matrices by their best
+    rank-r approximation: faster, and an APPROXIMATION; ``info`` then reports how much of the
+    directions was kept.  ``info`` (if given) receives the method that ran.
     """
+    if method not in SCORING_METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")
+    if direction_rank is not None and direction_rank < 1:
+        raise ScoringError(f"direction_rank must be a positive integer, got {direction_rank}")
     x, y = task.pretrain_data
     m, k = len(x), directions.r_pre.shape[1]
     r = torch.cat([directions.r_pre, directions.r_ft], 1) / m
+    losses = _PretrainLosses(task, fit)
+    r_blocks = torch.split(r, [p.numel() for p in losses.params])
+    contraction, rest, why_not = None, list(range(len(losses.params))), ""
+    if method in ("auto", "layerwise") or direction_rank is not None:
+        contraction, other, why_not = _linear_plan(losses, r_blocks, x, y, direction_rank,
+                                                     batch_size)
+        if contraction is not None:
+            rest = other
     if method == "auto":
-        method = "jvp" if 2 * k <= jvp_max_columns else "gradients"
-    if method not in ("jvp", "gradients"):
-        raise ValueError(f"unknown scoring method {method!r}; use jvp, gradients or auto")
+        if contraction is not None and not rest:
+            method = "layerwise"
+        else:
+            method = "jvp" if 2 * k <= jvp_max_columns else "gradients"
+    if direction_rank is not None and (method != "layerwise" or contraction is None):
+        raise ScoringError(
+            f"direction_rank needs scoring_method 'layerwise' (or 'auto') on a model whose "
+            f"tracked tensors are used by linear layers; {why_not or f'method is {method!r}'}")
+    if method == "layerwise" and contraction is None:
+        log.warning("layerwise scoring unavailable (%s): using per-example gradients", why_not)
+    if method != "layerwise":
+        contraction, rest = None, list(range(len(losses.params)))
+    if info is not None:
+        info["method"] = method
+        info["per_example_gradient_tensors"] = len(rest) if method != "jvp" else 0
+        if contraction is not None and contraction.low_rank is not None:
+            info["direction_rank"] = asdict(contraction.low_rank)
     base = fit.backbone_pre
     nu = task.u_layout.numel
     theta = torch.cat([task.tracked(base), fit.w])
-    r_blocks = torch.split(r, [s.numel() for s in task.u_layout.shapes + task.w_layout.shapes])
     out = torch.empty(m, 2 * k, dtype=r.dtype)
     for start in range(0, m, batch_size):
         sl = slice(start, min(start + batch_size, m))
         xb, yb = x[sl], y[sl]
         if method == "jvp":
-            def losses(th: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
+            def batch_losses(th: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
                 return task.pretrain_loss(task.pretrain_outputs(base, th[nu:], xb, th[:nu]), yb)
 
-            out[sl] = vmap(lambda v, f=losses: jvp(f, (theta,), (v,))[1],
+            out[sl] = vmap(lambda v, f=batch_losses: jvp(f, (theta,), (v,))[1],
                            in_dims=1, out_dims=1)(r)
         else:
-            acc = torch.zeros(sl.stop - sl.start, 2 * k, dtype=r.dtype)
-            for g, rb in zip(per_example_gradient_blocks(task, fit, xb, yb), r_blocks,
-                             strict=True):
-                acc.addmm_(g, rb)
+            acc = contraction(xb, yb) if contraction is not None else torch.zeros(
+                sl.stop - sl.start, 2 * k, dtype=r.dtype)
+            if rest:
+                for g, i in zip(losses.gradient_blocks(xb, yb, rest), rest, strict=True):
+                    acc.addmm_(g, r_blocks[i])
             out[sl] = acc
         # A NaN/inf anywhere in an example's gradient makes its row of the product non-finite.
         _check_finite("pretraining score", out[sl], "pretraining example", offset=start)
@@ -234,9 +331,12 @@ def compute_scores(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
     timings: dict[str, float] = {}
     directions = influence_directions(task, fit, x_test, y_test, args, timings)
     t0 = time.perf_counter()
+    scoring: dict[str, Any] = {}
     pre, ft = score_pretraining(task, fit, directions, args.batch_size, progress,
-                                method=args.scoring_method)
+                                method=args.scoring_method, direction_rank=args.direction_rank,
+                                info=scoring)
     timings["scoring"] = time.perf_counter() - t0
+    notes = [n for n in (task.approximation, low_rank_note(scoring)) if n]
     settings = {
         "scenario": task.scenario,
         "alpha": task.alpha if task.scenario == "updated" else None,
@@ -245,8 +345,20 @@ def compute_scores(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
                      "weight_decay": task.pretrain_weight_decay},
         "finetune": {"damping": args.finetune_damping, **args.finetune_solver.describe(),
                      "weight_decay": task.finetune_weight_decay},
+        "scoring": scoring,
         "tracked_backbone": list(task.u_layout.names) if task.approximation else "all",
-        "approximation": task.approximation,
+        "approximation": "; ".join(notes) if notes else None,
         "score_convention": SCORE_CONVENTION,
     }
     return InfluenceScores(pre + ft, pre, ft, settings, timings)
+
+
+def low_rank_note(scoring: dict[str, Any]) -> str | None:
+    """The approximation note of a rank-r scoring pass, or ``None`` if it was exact."""
+    report = scoring.get("direction_rank")
+    if not report or not report["truncated_tensors"]:
+        return None
+    return (f"directions truncated to rank {report['rank']} in {report['truncated_tensors']} "
+            f"weight matrices (keeping an estimated {report['kept_overall']:.1%} of the squared "
+            f"scores, {report['kept_min']:.1%} for the worst block), so scores are an "
+            "approximation")

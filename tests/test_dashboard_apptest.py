@@ -42,6 +42,8 @@ def template_runs(tmp_path_factory) -> Path:
         {"data": [{"type": "scatter", "x": [1, 2], "y": [1, 2], "mode": "markers"}],
          "layout": {"title": {"text": "LOO vs predicted"}}}))
     make_synthetic_run(root / "words", n_pretrain=150, n_test=12, seed=5, render="text")
+    make_synthetic_run(root / "approx", n_pretrain=150, n_test=12, seed=6,
+                       approximation="directions truncated to rank 8 in 2 weight matrices")
     return root
 
 
@@ -127,6 +129,14 @@ def test_overview_shows_validation_and_convergence_warning(runs_dir):
     (checks,) = tables_with(at, "verdict")
     assert list(checks["result"]) == ["pass", "FAIL"]
     assert len(at.get("plotly_chart")) >= 3  # confusion, LOO scatter, group bars
+
+
+def test_approximate_scores_are_announced(runs_dir):
+    at = open_page(query={"run": "approx"})
+    assert "Approximate scores" in texts(at.warning) and "rank 8" in texts(at.warning)
+    at = open_page(TEST_PAGE, {"run": "approx"})
+    assert not at.exception
+    assert "Approximate scores" in texts(at.caption)
 
 
 @pytest.mark.parametrize("page", [None, TEST_PAGE, EXAMPLE_PAGE, FLAGS_PAGE])

@@ -149,7 +149,7 @@ def test_nan_at_scoring_time_is_reported():
     task.pretrain_data = (x, y)
     with pytest.raises(NonFiniteCurvatureError, match="NaN or infinite"):
         compute_scores(task, fit, xt, yt)
-    for method in ("jvp", "gradients"):
+    for method in ("layerwise", "jvp", "gradients"):
         with pytest.raises(ScoringError, match="non-finite.*pretraining example #5"):
             score_pretraining(task, fit, directions, batch_size=4, method=method)
 

@@ -40,6 +40,9 @@ c[3].metric("Misclassified", f"{n_mis} / {run.n_test}")
 c[4].metric("Pretraining examples", f"{run.n_pretrain:,}")
 c[5].metric("Measurement", str(manifest.get("measurement", "loss")))
 
+if manifest.get("approximation"):
+    st.warning(f"**Approximate scores:** {manifest['approximation']}.", icon=":material/info:")
+
 for stage in unconverged_stages(run):
     info = (manifest.get("stages") or {}).get(stage) or {}
     st.warning(

@@ -36,6 +36,8 @@ pre_names = class_names(run, "pretrain")
 spec = sidebar_filters(run)
 
 st.title("Test point explorer")
+if run.manifest.get("approximation"):
+    st.caption(f":material/info: Approximate scores: {run.manifest['approximation']}.")
 
 
 def _set_test(test_id: str) -> None:
