@@ -91,6 +91,23 @@ class _Capture(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _probe_pass(losses: BatchLosses, params: Sequence[torch.Tensor], index: dict[int, int],
+                x: torch.Tensor, y: torch.Tensor) -> list[tuple[_LinearCall, torch.Tensor]]:
+    """Forward with probes, backward of the summed losses: (call, output gradient) pairs.
+
+    Examples do not interact, so each example's rows of the output gradient are its own.  Calls
+    whose output does not reach the losses are left out.
+    """
+    capture = _Capture(index, batch=len(x), probe=True)
+    with capture:
+        out = losses(params, x, y)
+    calls = [c for c in capture.calls if c.probe is not None]
+    if not calls or not out.requires_grad:
+        return []
+    grads = torch.autograd.grad(out.sum(), [c.probe for c in calls], allow_unused=True)
+    return [(c, g) for c, g in zip(calls, grads, strict=True) if g is not None]
+
+
 def find_linear_tensors(losses: BatchLosses, params: Sequence[torch.Tensor], x: torch.Tensor,
                         y: torch.Tensor) -> tuple[list[int], list[int]]:
     """Split tracked tensors into (used only by linear layers, used otherwise), by index.
@@ -142,15 +159,8 @@ def layer_covariances(losses: BatchLosses, params: Sequence[torch.Tensor], linea
     sums: dict[int, list[torch.Tensor]] = {}
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        capture = _Capture(index, batch=len(xb), probe=True)
-        with capture:
-            out = losses(params, xb, yb)
-        calls = [c for c in capture.calls if c.weight is not None]
-        if not calls or not out.requires_grad:
-            continue
-        grads = torch.autograd.grad(out.sum(), [c.probe for c in calls], allow_unused=True)
-        for call, g in zip(calls, grads, strict=True):
-            if g is None:
+        for call, g in _probe_pass(losses, params, index, xb, yb):
+            if call.weight is None:
                 continue
             a = call.inputs.reshape(-1, call.inputs.shape[-1])
             g = g.reshape(-1, g.shape[-1])
@@ -216,7 +226,8 @@ class LinearContraction:
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be >= 1 or None, got {rank}")
         self.losses, self.params, self.linear = losses, list(params), list(linear)
-        self.columns = directions[0].shape[1]
+        self.columns, self.dtype = directions[0].shape[1], directions[0].dtype
+        self._index = {id(self.params[i]): i for i in self.linear}
         self.rank = rank
         # V arranged for one matmul with the smaller side's partner: (d_in, C * d_out) applied
         # to inputs when d_out <= d_in, else (d_out, C * d_in) applied to output gradients.
@@ -284,19 +295,8 @@ class LinearContraction:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(batch, C)``: sum over the handled tensors of grad_p l(z_j) . direction_p."""
         b = len(x)
-        index = {id(self.params[i]): i for i in self.linear}
-        capture = _Capture(index, batch=b, probe=True)
-        with capture:
-            losses = self.losses(self.params, x, y)
-        out = torch.zeros(b, self.columns, dtype=x.dtype if x.is_floating_point() else
-                          self.params[0].dtype)
-        calls = [c for c in capture.calls if c.probe is not None]
-        if not calls or not losses.requires_grad:
-            return out
-        grads = torch.autograd.grad(losses.sum(), [c.probe for c in calls], allow_unused=True)
-        for call, g in zip(calls, grads, strict=True):
-            if g is None:
-                continue
+        out = torch.zeros(b, self.columns, dtype=self.dtype)
+        for call, g in _probe_pass(self.losses, self.params, self._index, x, y):
             a = call.inputs.reshape(b, -1, call.inputs.shape[-1])
             g = g.reshape(b, -1, g.shape[-1])
             if call.weight is not None:

@@ -263,26 +263,31 @@ def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directio
         raise ValueError(f"unknown scoring method {method!r}; use one of {SCORING_METHODS}")
     if direction_rank is not None and direction_rank < 1:
         raise ScoringError(f"direction_rank must be a positive integer, got {direction_rank}")
+    if direction_rank is not None and method not in ("auto", "layerwise"):
+        raise ScoringError(f"direction_rank needs scoring_method 'layerwise' or 'auto', not "
+                           f"{method!r}")
     x, y = task.pretrain_data
     m, k = len(x), directions.r_pre.shape[1]
     r = torch.cat([directions.r_pre, directions.r_ft], 1) / m
     losses = _PretrainLosses(task, fit)
     r_blocks = torch.split(r, [p.numel() for p in losses.params])
+    # Directions per tensor, shaped like it, columns first (the jvp tangents).
+    r_views = [b.T.reshape(-1, *p.shape) for b, p in zip(r_blocks, losses.params, strict=True)]
     contraction, rest, why_not = None, list(range(len(losses.params))), ""
-    if method in ("auto", "layerwise") or direction_rank is not None:
+    if method in ("auto", "layerwise"):
         contraction, other, why_not = _linear_plan(losses, r_blocks, x, y, direction_rank,
                                                      batch_size)
         if contraction is not None:
             rest = other
+    if direction_rank is not None and contraction is None:
+        raise ScoringError(f"direction_rank needs tracked tensors used by linear layers: "
+                           f"{why_not}")
     if method == "auto":
-        if contraction is not None and not rest:
+        # With a rank, the linear tensors are the point; others get per-example gradients.
+        if contraction is not None and (not rest or direction_rank is not None):
             method = "layerwise"
         else:
             method = "jvp" if 2 * k <= jvp_max_columns else "gradients"
-    if direction_rank is not None and (method != "layerwise" or contraction is None):
-        raise ScoringError(
-            f"direction_rank needs scoring_method 'layerwise' (or 'auto') on a model whose "
-            f"tracked tensors are used by linear layers; {why_not or f'method is {method!r}'}")
     if method == "layerwise" and contraction is None:
         log.warning("layerwise scoring unavailable (%s): using per-example gradients", why_not)
     if method != "layerwise":
@@ -292,19 +297,16 @@ def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directio
         info["per_example_gradient_tensors"] = len(rest) if method != "jvp" else 0
         if contraction is not None and contraction.low_rank is not None:
             info["direction_rank"] = asdict(contraction.low_rank)
-    base = fit.backbone_pre
-    nu = task.u_layout.numel
-    theta = torch.cat([task.tracked(base), fit.w])
     out = torch.empty(m, 2 * k, dtype=r.dtype)
     for start in range(0, m, batch_size):
         sl = slice(start, min(start + batch_size, m))
         xb, yb = x[sl], y[sl]
         if method == "jvp":
-            def batch_losses(th: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
-                return task.pretrain_loss(task.pretrain_outputs(base, th[nu:], xb, th[:nu]), yb)
+            def batch_losses(*params: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
+                return losses(params, xb, yb)
 
-            out[sl] = vmap(lambda v, f=batch_losses: jvp(f, (theta,), (v,))[1],
-                           in_dims=1, out_dims=1)(r)
+            out[sl] = vmap(lambda *v, f=batch_losses: jvp(f, tuple(losses.params), v)[1],
+                           in_dims=0, out_dims=1)(*r_views)
         else:
             acc = contraction(xb, yb) if contraction is not None else torch.zeros(
                 sl.stop - sl.start, 2 * k, dtype=r.dtype)

@@ -172,6 +172,19 @@ def test_a_model_that_is_not_batch_first_fails_the_check_and_falls_back(caplog):
         scored(task, fit, d, method="auto", direction_rank=1)
 
 
+def test_rank_under_auto_keeps_the_other_tensors_exact():
+    """A LayerNorm in the backbone: with a rank, "auto" still takes the layerwise path and gives
+    the LayerNorm tensors exact per-example gradients."""
+    task = make_task(Tied(), x_flat(), 5)
+    fit, d = random_fit(task), random_directions(task)
+    full, info = scored(task, fit, d, batch_size=5, direction_rank=5)   # no block truncated
+    assert info["method"] == "layerwise" and info["per_example_gradient_tensors"] == 2
+    torch.testing.assert_close(full, reference(task, fit, d), rtol=1e-10, atol=1e-14)
+    low, info = scored(task, fit, d, batch_size=5, direction_rank=1)
+    assert info["direction_rank"]["truncated_tensors"] == 4   # inp, shared, nobias, pretrain head
+    assert not torch.allclose(low, full)
+
+
 def test_many_directions_are_chunked_without_changing_scores(monkeypatch):
     import engine.linear_contraction as lc
     task = make_task(Sequence(), x_seq(), 4)
