@@ -3,9 +3,9 @@
 The database lives beside the run directories (``<run_dir>/../flags.sqlite``) so a run directory
 itself stays read-only.  Flags are keyed by ``(run_id, example_id)``; every flag and unflag is
 also appended to ``flag_events`` (who / when / why / from which test point).  Each operation opens
-its own connection in WAL mode with a busy timeout and writes in one ``BEGIN IMMEDIATE``
-transaction, so several processes (two browser sessions, the CLI) can flag at the same time
-without losing anything.
+its own connection with a busy timeout (the file in WAL mode) and writes in one
+``BEGIN IMMEDIATE`` transaction, so several processes (two browser sessions, the CLI) can flag
+at the same time without losing anything.
 """
 
 from __future__ import annotations
@@ -58,6 +58,23 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (persistent: once per file) if it is not already.
+
+    The switch needs exclusive access, and SQLite answers "database is locked" at once, without
+    waiting for the busy timeout, while another process is using a fresh file.  That is safe to
+    skip: the write that follows is a ``BEGIN IMMEDIATE`` transaction (which does wait) and is
+    just as durable in rollback-journal mode; a later write makes the switch.
+    """
+    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+
+
 class FlagStore:
     """Flags of pretraining examples, persisted in one SQLite file shared by all runs beside it."""
 
@@ -75,7 +92,7 @@ class FlagStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if write:
-                conn.execute("PRAGMA journal_mode = WAL")
+                _switch_to_wal(conn)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for statement in _SCHEMA.split(";"):

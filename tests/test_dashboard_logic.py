@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import sqlite3
+import threading
 import zipfile
 from pathlib import Path
 
@@ -307,6 +308,26 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     ids = FlagStore(path).flagged_ids("run")
     assert ids == {f"{p}{i}" for p in "ab" for i in range(150)}
     assert len(FlagStore(path).history("run")) == 300
+
+
+def test_flag_waits_for_a_writer_on_a_file_not_yet_in_wal_mode(tmp_path):
+    """Switching a fresh file to WAL while another connection is writing fails at once in
+    SQLite (no busy wait); the flag must wait for the writer instead of failing."""
+    path = tmp_path / "flags.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    FlagStore(path).flag("run", ["e1"], "label noise", user="u")
+    release.join()
+    assert FlagStore(path).flagged_ids("run") == {"e1"}
+    FlagStore(path).flag("run", ["e2"], "label noise", user="u")   # the next write switches
+    other.close()
+    fresh = sqlite3.connect(path)
+    assert fresh.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    fresh.close()
 
 
 # --- exports --------------------------------------------------------------------------------
