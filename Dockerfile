@@ -36,8 +36,9 @@ EXPOSE 8501
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health', timeout=4)"]
 
-# 0.0.0.0 is the container's own interface; publish it on the host's loopback only
-# (docker run -p 127.0.0.1:8501:8501 ...).
+# .streamlit/config.toml (copied with the code) binds 127.0.0.1; inside the container the
+# server must listen on the container's own interface, so this flag overrides it explicitly.
+# Publish it on the host's loopback only (docker run -p 127.0.0.1:8501:8501 ...).
 CMD ["python", "-m", "streamlit", "run", "dashboard/app.py", \
      "--server.headless", "true", \
      "--server.address", "0.0.0.0", \

@@ -1,7 +1,10 @@
 """Streamlit entry point of the influence dashboard.
 
-    python -m streamlit run dashboard/app.py --server.address 127.0.0.1 \\
-        --browser.gatherUsageStats false -- --runs-dir runs
+    python -m streamlit run dashboard/app.py -- --runs-dir runs
+
+Started from the repository root, Streamlit reads ``.streamlit/config.toml`` there, which binds
+the server to 127.0.0.1 (not Streamlit's default of every interface), headless, without usage
+statistics; ``--server.address`` on the command line overrides it (the Docker image does).
 
 Runs are read from ``--runs-dir`` (after ``--``), else ``$INFLUENCE_RUNS_DIR``, else ``runs/``.
 The dashboard only reads runs (never trains or fits anything); flags go to
@@ -41,4 +44,8 @@ run_dir = session.run_picker()
 session.sidebar_identity()
 if run_dir is None:
     st.stop()
-page.run()
+try:
+    page.run()
+except session.PAGE_ERRORS as exc:  # run files changed / unreadable, flag store, bad data
+    session.show_page_error(exc)
+    st.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 import streamlit as st
@@ -46,13 +47,14 @@ def thumbnails(run: Run, rows: Sequence[int]) -> list[str] | None:
 
 
 def example_links(ids: Sequence[str]) -> list[str]:
-    """Relative links to the example page of each id (open in a new tab)."""
-    return [f"{EXAMPLE_PAGE_URL}?example_id={e}" for e in ids]
+    """Relative links to the example page of each id (open in a new tab); ids are URL-encoded,
+    so ``&``, ``#``, ``%``, ``+`` or spaces in an id cannot change the link's target."""
+    return [f"{EXAMPLE_PAGE_URL}?example_id={quote(str(e), safe='')}" for e in ids]
 
 
 def test_links(ids: Sequence[str]) -> list[str]:
-    """Relative links to the test point page of each id (open in a new tab)."""
-    return [f"{TEST_PAGE_URL}?test_id={t}" for t in ids]
+    """Relative links to the test point page of each id (open in a new tab), URL-encoded."""
+    return [f"{TEST_PAGE_URL}?test_id={quote(str(t), safe='')}" for t in ids]
 
 
 def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[str],

@@ -12,32 +12,50 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import session
-from dashboard.flags import REASONS, FlagStore
+from dashboard.flags import REASONS, FlagStore, FlagStoreError
 from engine.artifacts import Run
 
 REASON_KEY = "flag_reason"
 NOTE_KEY = "flag_note"
 CONFIRM_KEY = "flag_all_pending"
 ERROR_KEY = "flag_store_error"
+T = TypeVar("T")
 
 
 def guarded_write(write: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
-    """Run a flag-store write; on failure (read-only directory, locked or broken database)
-    keep a message for :func:`show_store_error` instead of raising.  Returns success."""
+    """Run a flag-store write; on failure (read-only directory, locked, damaged or non-SQLite
+    database) keep a one-line message for :func:`show_store_error` instead of raising.
+    Returns success."""
     try:
         write(*args, **kwargs)
         return True
+    except FlagStoreError as exc:
+        st.session_state[ERROR_KEY] = f"Could not save flags: {exc}"
+        return False
     except (sqlite3.Error, OSError) as exc:
         st.session_state[ERROR_KEY] = (
             f"Could not save flags: {exc}. The flag store is `flags.sqlite` beside the run "
             "directory; check that this directory is writable.")
         return False
+
+
+def guarded_read(read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a flag-store read (``store.flags``, ``store.flagged_ids``, ``store.history``); when
+    the store cannot be read (damaged or non-SQLite file, unreadable) show its one-line
+    :class:`~dashboard.flags.FlagStoreError` message and stop the page instead of a traceback:
+    showing the page as if nothing were flagged would be wrong."""
+    try:
+        return read(*args, **kwargs)
+    except FlagStoreError as exc:
+        st.error(f"Cannot read flags: {exc}", icon=":material/error:")
+        st.stop()
+        raise  # unreachable; keeps type checkers happy
 
 
 def show_store_error() -> None:

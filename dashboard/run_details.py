@@ -1,12 +1,14 @@
 """Read the optional, engine-specific parts of a loaded run defensively (no Streamlit here).
 
 ``engine.artifacts`` guarantees only a handful of columns and manifest keys; everything else
-(class names, render payload, metadata columns, convergence, validation) may be absent in a run
-written by another engine version, so every accessor here has a sensible fallback.
+(class names, render payload, metadata columns, convergence, validation) may be absent, or of
+another type, in a run written by another engine version or edited by hand, so every accessor
+here has a sensible fallback (:func:`manifest_mapping` for the nested sections).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +31,35 @@ class RenderSpec:
     shape: tuple[int, ...] | None = None
 
 
+def manifest_mapping(run: Run, key: str) -> Mapping[str, Any]:
+    """``run.manifest[key]`` when it is a mapping, else an empty one (absent or malformed)."""
+    value = run.manifest.get(key) if isinstance(run.manifest, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _image_shape(raw: Any) -> tuple[int, ...] | None:
+    """A positive integer shape from the manifest, or ``None`` (inferred from the pixels)."""
+    if not isinstance(raw, (list, tuple)):
+        return None
+    try:
+        shape = tuple(int(s) for s in raw)
+    except (TypeError, ValueError):
+        return None
+    return shape if shape and all(s > 0 for s in shape) else None
+
+
 def render_spec(run: Run) -> RenderSpec:
     """The render payload of a run, from the manifest or guessed from the table columns."""
-    spec = run.manifest.get("render") or {}
+    spec = manifest_mapping(run, "render")
     kind = spec.get("kind")
     cols = set(run.pretrain_examples.columns)
-    if kind == "image" and spec.get("column", "pixels") in cols:
-        shape = tuple(int(s) for s in spec.get("shape") or ()) or None
-        return RenderSpec("image", spec.get("column", "pixels"), shape)
-    if kind == "text" and spec.get("column", "text") in cols:
-        return RenderSpec("text", spec.get("column", "text"))
+    column = spec.get("column")
+    if not isinstance(column, str):
+        column = "pixels" if kind == "image" else "text"
+    if kind == "image" and column in cols:
+        return RenderSpec("image", column, _image_shape(spec.get("shape")))
+    if kind == "text" and column in cols:
+        return RenderSpec("text", column)
     if kind is None:
         if "pixels" in cols:
             return RenderSpec("image", "pixels", None)
@@ -49,8 +70,8 @@ def render_spec(run: Run) -> RenderSpec:
 
 def class_names(run: Run, stage: str) -> list[str]:
     """Class names of ``stage`` ("pretrain" or "finetune"); label ints index into them."""
-    names = (run.manifest.get("classes") or {}).get(stage)
-    if names:
+    names = manifest_mapping(run, "classes").get(stage)
+    if isinstance(names, (list, tuple)) and names:
         return [str(n) for n in names]
     table = run.pretrain_examples if stage == "pretrain" else run.test_points
     cols = ["label"] + (["pred"] if stage == "finetune" else [])
@@ -110,11 +131,11 @@ def confusion_matrix(run: Run) -> pd.DataFrame:
 
 def stage_rows(run: Run) -> pd.DataFrame:
     """One row per stage with solver, damping, convergence and the solver's numbers."""
-    stages = run.manifest.get("stages") or {}
+    stages = manifest_mapping(run, "stages")
     rows = []
     for name in ("pretrain", "finetune"):
         info = stages.get(name)
-        if info is None:
+        if not isinstance(info, Mapping):
             continue
         row: dict[str, Any] = {"stage": name}
         for key in ("solver", "damping", "converged", "final_grad_norm", "tolerance",
@@ -128,17 +149,18 @@ def stage_rows(run: Run) -> pd.DataFrame:
 
 def unconverged_stages(run: Run) -> list[str]:
     """Stages whose solver did not report convergence (``converged`` false or missing)."""
-    stages = run.manifest.get("stages") or {}
-    return [name for name, info in stages.items() if not (info or {}).get("converged", False)]
+    stages = manifest_mapping(run, "stages")
+    return [str(name) for name, info in stages.items()
+            if not (isinstance(info, Mapping) and info.get("converged", False) is True)]
 
 
 def task_description(run: Run) -> str:
     """One line naming the task: dataset name from the config and the finetuning classes."""
-    config = run.manifest.get("config") or {}
-    data = config.get("data") or {}
+    config = manifest_mapping(run, "config")
+    data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
     config_path = run.manifest.get("config_path")
-    name = (data.get("name") or data.get("dataset")
-            or (Path(str(config_path)).parent.name if config_path else run.path.name))
+    from_path = Path(config_path).parent.name if isinstance(config_path, str) else ""
+    name = data.get("name") or data.get("dataset") or from_path or run.path.name
     ft = class_names(run, "finetune")
     pre = class_names(run, "pretrain")
     return f"{name}: pretraining on {len(pre)} classes, finetuning on {' / '.join(ft)}"

@@ -2,6 +2,10 @@
 
 import sys
 
-from engine.cli import main
+try:
+    from engine.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries load
+    print("interrupted; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -23,8 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.atomic_dir import STAGING_MARKER, Staging, recover
 from engine.convention import SCORE_CONVENTION
+from engine.pause_points import pause_point
 
 SCHEMA_VERSION = 1
 
@@ -95,29 +96,54 @@ def _check_table(df: pd.DataFrame, required: tuple[str, ...], id_col: str, name:
         raise RunError(f"{name} has duplicate {id_col} {dup!r}")
 
 
-def staging_dir(parent: Path, prefix: str) -> Path:
-    """A new temporary directory in ``parent`` with the umask's permissions (mkdtemp's 0700
-    would hide finished results from other users of a shared runs directory)."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
+def check_replaceable(dest: Path) -> None:
+    """Refuse to replace ``dest`` unless it is an empty directory or a complete run of this
+    tool (``--overwrite`` must never delete a user's folder)."""
+    if dest.is_symlink() or not dest.is_dir():
+        raise RunError(f"refusing to replace {dest}: it is not a directory; --overwrite only "
+                       "replaces a run directory. Choose another --out.")
+    if not any(dest.iterdir()):
+        return
+    try:
+        read_manifest(dest)
+    except RunError as exc:
+        raise RunError(f"refusing to replace {dest}: it is not a complete run written by this "
+                       f"tool ({exc}). --overwrite only replaces run directories; choose "
+                       "another --out.") from None
 
 
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the complete directory ``tmp`` to ``out``.
+def _is_run(path: Path) -> bool:
+    try:
+        read_manifest(path)
+    except RunError:
+        return False
+    return True
 
-    An existing ``out`` is moved aside first and deleted only once the new one is in place, so
-    a crash never leaves neither.
+
+def open_destination(out_dir: str | os.PathLike, overwrite: bool,
+                     echo: Callable[[str], None] | None = None) -> Staging:
+    """Check that a run may be written to ``out_dir`` and stage it; call before any work.
+
+    Repairs what an interrupted earlier write left (see :func:`engine.atomic_dir.recover`),
+    refuses an existing ``out_dir`` without ``overwrite`` and anything but a run or an empty
+    directory with it, and creates the staging directory (so an unwritable location fails
+    now, not after training).
     """
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    out = Path(out_dir).absolute()
+    for line in recover(out, _is_run):
+        if echo is not None:
+            echo(line)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise RunError(f"{out} already exists; choose another --out or pass --overwrite "
+                           "to replace a run")
+        check_replaceable(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Staging(out)
+    except OSError as exc:
+        raise RunError(f"cannot write a run at {out}: {exc.strerror or exc}; choose an --out "
+                       "in a writable directory") from None
 
 
 def write_run(
@@ -130,18 +156,30 @@ def write_run(
     test_xy: np.ndarray,
     overwrite: bool = False,
     model_arrays: dict[str, np.ndarray] | None = None,
+    staging: Staging | None = None,
 ) -> Path:
     """Write a complete run atomically and return its path.
 
     ``manifest`` holds the run's settings; this function adds ``schema_version``, ``files``
     (SHA-256 per file), ``shapes``, ``run_id`` and ``score_convention``.  ``model_arrays`` (the
     trained parameters, used by validation to warm-start retraining) go to ``model/NAME.npy``.
-    An existing ``out_dir`` is replaced only when ``overwrite`` is true, and only after the new
-    run is complete.
+    An existing ``out_dir`` is replaced only when ``overwrite`` is true, only when it is a run
+    or an empty directory, and only after the new run is complete (atomically:
+    :mod:`engine.atomic_dir`).  ``staging`` is the :func:`open_destination` made before the
+    work started (one is opened here otherwise); it is closed on return.
     """
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise RunError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    out = Path(out_dir).absolute()
+    if staging is None:
+        staging = open_destination(out, overwrite)
+    with staging:
+        return _write_staged(staging, manifest, test_points, pretrain_examples, scores,
+                             pretrain_xy, test_xy, overwrite, model_arrays)
+
+
+def _write_staged(staging: Staging, manifest: dict[str, Any], test_points: pd.DataFrame,
+                  pretrain_examples: pd.DataFrame, scores: dict[str, np.ndarray],
+                  pretrain_xy: np.ndarray, test_xy: np.ndarray, overwrite: bool,
+                  model_arrays: dict[str, np.ndarray] | None) -> Path:
     n_test, n_pre = len(test_points), len(pretrain_examples)
     _check_table(test_points, TEST_REQUIRED, "test_id", TEST_TABLE)
     _check_table(pretrain_examples, PRETRAIN_REQUIRED, "example_id", PRETRAIN_TABLE)
@@ -155,52 +193,51 @@ def write_run(
     if pretrain_xy.shape != (n_pre, 2) or test_xy.shape != (n_test, 2):
         raise RunError("map coordinates must have shapes (n_pretrain, 2) and (n_test, 2)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_dir(out.parent, f".{out.name}.partial-")
-    try:
-        (tmp / "scores").mkdir()
-        (tmp / "map").mkdir()
-        test_points = test_points.assign(test_id=test_points["test_id"].astype(str))
-        pretrain_examples = pretrain_examples.assign(
-            example_id=pretrain_examples["example_id"].astype(str)
-        )
-        test_points.to_parquet(tmp / TEST_TABLE, index=False)
-        pretrain_examples.to_parquet(tmp / PRETRAIN_TABLE, index=False)
-        for name in SCORE_NAMES:
-            np.save(tmp / "scores" / f"{name}.npy", np.ascontiguousarray(scores[name], np.float32))
-        np.save(tmp / "map" / "pretrain_xy.npy", np.asarray(pretrain_xy, np.float32))
-        np.save(tmp / "map" / "test_xy.npy", np.asarray(test_xy, np.float32))
-        if model_arrays:
-            (tmp / "model").mkdir()
-            for name, arr in model_arrays.items():
-                np.save(tmp / "model" / f"{name}.npy", np.asarray(arr))
-        files = {
-            str(p.relative_to(tmp)): sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        run_id = hashlib.sha256(
-            json.dumps([files, manifest.get("config")], sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
-        full = dict(manifest)
-        full.update(
-            schema_version=SCHEMA_VERSION,
-            run_id=run_id,
-            score_convention=SCORE_CONVENTION,
-            shapes={"n_test": n_test, "n_pretrain": n_pre},
-            files=files,
-        )
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    tmp = staging.path
+    (tmp / "scores").mkdir()
+    (tmp / "map").mkdir()
+    test_points = test_points.assign(test_id=test_points["test_id"].astype(str))
+    pretrain_examples = pretrain_examples.assign(
+        example_id=pretrain_examples["example_id"].astype(str)
+    )
+    test_points.to_parquet(tmp / TEST_TABLE, index=False)
+    pretrain_examples.to_parquet(tmp / PRETRAIN_TABLE, index=False)
+    for name in SCORE_NAMES:
+        np.save(tmp / "scores" / f"{name}.npy", np.ascontiguousarray(scores[name], np.float32))
+    np.save(tmp / "map" / "pretrain_xy.npy", np.asarray(pretrain_xy, np.float32))
+    np.save(tmp / "map" / "test_xy.npy", np.asarray(test_xy, np.float32))
+    if model_arrays:
+        (tmp / "model").mkdir()
+        for name, arr in model_arrays.items():
+            np.save(tmp / "model" / f"{name}.npy", np.asarray(arr))
+    files = {
+        str(p.relative_to(tmp)): sha256_file(p)
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file() and p.name != STAGING_MARKER
+    }
+    run_id = hashlib.sha256(
+        json.dumps([files, manifest.get("config")], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    full = dict(manifest)
+    full.update(
+        schema_version=SCHEMA_VERSION,
+        run_id=run_id,
+        score_convention=SCORE_CONVENTION,
+        shapes={"n_test": n_test, "n_pretrain": n_pre},
+        files=files,
+    )
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+    pause_point("writing")
+    staging.swap_into_place(check_replaceable if overwrite else None)
+    return staging.dest
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and minimally validate ``manifest.json`` (existence, JSON, schema version)."""
+    """Read ``manifest.json`` and validate its structure (:func:`manifest_problems`)."""
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{path} is a file, not a run directory; pass the directory that "
+                       "`python -m engine run --out` created")
     if not path.is_dir():
         raise RunError(
             f"run directory {path} does not exist; create it with "
@@ -211,19 +248,85 @@ def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
         partial = " (it looks like an interrupted or partial run)" if any(path.iterdir()) else ""
         raise RunError(f"{path} has no {MANIFEST}{partial}; re-run `python -m engine run`")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{mpath} is not valid JSON ({exc}); re-run `python -m engine run`") from exc
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{mpath} is not valid JSON ({exc}); re-run `python -m engine run`"
+                       ) from None
+    except OSError as exc:
+        raise RunError(f"cannot read {mpath}: {exc.strerror or exc}") from None
+    if not isinstance(manifest, dict):
+        raise RunError(f"{mpath} is not a JSON object; re-run `python -m engine run`")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise RunError(
             f"{path} has schema version {version!r}; this tool reads version {SCHEMA_VERSION}. "
             "Re-create the run with this version of the engine."
         )
-    for key in ("files", "shapes", "run_id"):
-        if key not in manifest:
-            raise RunError(f"{mpath} lacks {key!r}; the run is incomplete")
+    problems = manifest_problems(manifest)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                            if len(problems) > 5 else "")
+        raise RunError(f"{mpath} is damaged or was edited: {shown}. Re-run `python -m engine "
+                       "run` to re-create the run")
     return manifest
+
+
+# Files every run lists in its manifest (so none of them escapes the hash check).
+REQUIRED_FILES = (TEST_TABLE, PRETRAIN_TABLE, *(f"scores/{n}.npy" for n in SCORE_NAMES),
+                  "map/pretrain_xy.npy", "map/test_xy.npy")
+_HEX = frozenset("0123456789abcdef")
+# key -> (accepted types, required).  Optional keys are checked only when present.
+_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "schema_version": ((int,), True), "run_id": ((str,), True), "files": ((dict,), True),
+    "shapes": ((dict,), True), "score_convention": ((str,), True),
+    "config": ((dict,), False), "config_path": ((str,), False), "scenario": ((str,), False),
+    "alpha": ((int, float, type(None)), False), "measurement": ((str,), False),
+    "stages": ((dict,), False), "metrics": ((dict,), False), "classes": ((dict,), False),
+    "render": ((dict,), False), "excluded_ids": ((list,), False),
+    "input_hashes": ((dict,), False), "approximation": ((str, type(None)), False),
+    "timings": ((dict,), False), "versions": ((dict,), False),
+}
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "an object",
+             list: "a list", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """Everything wrong with a manifest's structure (missing keys, wrong types, unsafe file
+    names), as short phrases; empty when it is well formed."""
+    out: list[str] = []
+    for key, (types, required) in _SCHEMA.items():
+        if key not in manifest:
+            if required:
+                out.append(f"key {key!r} is missing")
+            continue
+        value = manifest[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            out.append(f"{key!r} must be {_type_names(types)}, not {type(value).__name__}")
+    shapes = manifest.get("shapes")
+    if isinstance(shapes, dict):
+        for key in ("n_test", "n_pretrain"):
+            v = shapes.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                out.append(f"'shapes.{key}' must be a non-negative integer, not {v!r}")
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        for rel, digest in files.items():
+            parts = Path(rel).parts
+            if Path(rel).is_absolute() or ".." in parts or not parts:
+                out.append(f"file entry {rel!r} points outside the run directory")
+            if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+                out.append(f"file entry {rel!r} has no SHA-256 hash")
+        missing = [f for f in REQUIRED_FILES if f not in files]
+        if missing:
+            out.append(f"'files' does not list {missing}")
+    excluded = manifest.get("excluded_ids")
+    if isinstance(excluded, list) and not all(isinstance(i, str) for i in excluded):
+        out.append("'excluded_ids' must be a list of strings")
+    return out
 
 
 def verify_files(run_dir: Path, manifest: dict[str, Any]) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from engine import artifacts
 
 
 def _cmd_run(ns: argparse.Namespace) -> None:
-    from engine.pipeline import read_ids_file, run
+    from engine.ids_file import read_ids_file
+    from engine.pipeline import run
 
     exclude = read_ids_file(ns.exclude) if ns.exclude else []
     run(ns.config, ns.out, scenario=ns.scenario, alpha=ns.alpha, exclude_ids=exclude,
@@ -77,12 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so staging directories are removed on the way out.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         ns.func(ns)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted; {exc.args[0] if exc.args else 'nothing was written'}",
+              file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError, OSError) as exc:
         # Library errors carry the what-to-do message; a traceback would only hide it.
         print(f"error: {exc}", file=sys.stderr)

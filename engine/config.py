@@ -30,6 +30,9 @@ TEST_POINT_MODES = ("all", "misclassified")
 MAP_METHODS = ("umap", "pca")
 
 
+MAX_HIDDEN = 65_536
+
+
 class ConfigError(ValueError):
     """The run configuration is missing, malformed or has an invalid value."""
 
@@ -51,6 +54,7 @@ class DataConfig:
     finetune_classes: tuple[int | str, ...] = ("even", "odd")
     render: str = "image"
     image_shape: tuple[int, ...] = (8, 8)
+    standardize: bool = False  # z-score features with the pretraining table's mean and std
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ def _data(r: _Reader, base: Path) -> DataConfig:
         finetune_classes=r.get_classes("finetune_classes", d.finetune_classes),
         render=render,
         image_shape=image_shape,
+        standardize=r.get_bool("standardize", d.standardize),
     )
 
 
@@ -248,6 +253,10 @@ def _model(r: _Reader) -> ModelConfig:
     r.allow_only([f.name for f in dataclasses.fields(ModelConfig)])
     d = ModelConfig()
     hidden = r.get_int_list("hidden", d.hidden)
+    if max(hidden) > MAX_HIDDEN:
+        r.fail("hidden", hidden, f"has a layer wider than {MAX_HIDDEN} units; the built-in MLP "
+                                 "is for models that fit in memory (bring your own modules "
+                                 "through the Python API for larger ones)")
     return ModelConfig(hidden=tuple(hidden), activation=r.get_choice("activation", d.activation,
                                                                  ACTIVATIONS))
 
@@ -373,6 +382,12 @@ class _Reader:
         if high is not None and value > high:
             self.fail(key, value, f"must be <= {high:g}")
         return float(value)
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, value, "must be true or false")
+        return value
 
     def get_int_list(self, key: str, default: tuple[int, ...]) -> list[int]:
         value = self.table.get(key, list(default))

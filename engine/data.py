@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES
+
+from engine.ids_file import id_problem
 
 if TYPE_CHECKING:  # config.py imports this module; import it only for type checkers.
     from engine.config import RunConfig
@@ -259,10 +262,15 @@ def _read(path: Path, id_column: str) -> pd.DataFrame:
         # rows rather than per chunk, so a column never comes back half numbers, half strings.
         # index_col=False + the warning as an error: otherwise a first data row with extra
         # fields silently turns the leading columns into the index and shifts every column.
+        # Ids are strings: pandas' NA spellings ("NA", "null", "N/A", ...) stay ids there, and
+        # keep meaning missing in every other column.
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
+            header = pd.read_csv(path, nrows=0, index_col=False).columns
+            na = {c: sorted(STR_NA_VALUES) for c in header if c != id_column}
             return pd.read_csv(
-                path, dtype={id_column: str}, index_col=False, low_memory=False
+                path, dtype={id_column: str}, index_col=False, low_memory=False,
+                keep_default_na=False, na_values=na,
             )
     except pd.errors.ParserWarning:
         raise DataError(
@@ -309,7 +317,12 @@ def _ids(name: str, col: pd.Series) -> np.ndarray:
             raise DataError(
                 f"{name}: column {col_name!r}, row {i}: the id is missing; every row needs an id"
             )
-        out.append(str(v).strip() if isinstance(v, str) else key)
+        text = str(v).strip() if isinstance(v, str) else key
+        problem = id_problem(text)
+        if problem is not None:
+            raise DataError(f"{name}: column {col_name!r}, row {i}: {problem}; ids must be one "
+                            "line of text (ids files hold one id per line)")
+        out.append(text)
     ids = np.array(out, dtype=str)
     seen: dict[str, int] = {}
     for i, v in enumerate(out):

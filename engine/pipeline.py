@@ -26,6 +26,7 @@ from engine.config import RunConfig, load_config
 from engine.data import Table, load_run_data
 from engine.maps import map_coordinates
 from engine.models import build_model
+from engine.pause_points import pause_point
 from engine.progress import Progress, TrainingProgress
 from engine.scores import InfluenceArguments, compute_scores
 from engine.solvers import make_solver
@@ -50,15 +51,18 @@ class PreparedData:
     finetune_test: Table
     keep: np.ndarray            # boolean mask over the pretraining FILE's rows
     excluded_ids: list[str]
+    shift: np.ndarray | None = None   # [data] standardize: inputs = (X - shift) / scale
+    scale: np.ndarray | None = None
+
+    def inputs(self, table: Table) -> np.ndarray:
+        """The model inputs of a table's rows (standardized when the config says so)."""
+        if self.shift is None or self.scale is None:
+            return table.X
+        return (table.X - self.shift) / self.scale
 
 
-def read_ids_file(path: str | Path) -> list[str]:
-    """One example id per line; blank lines and ``#`` comments are ignored."""
-    p = Path(path)
-    if not p.is_file():
-        raise RunInputError(f"ids file {p} does not exist")
-    ids = [line.strip() for line in p.read_text().splitlines()]
-    return [i for i in ids if i and not i.startswith("#")]
+# Features beyond this magnitude make full-batch training slow or overflow; say so up front.
+FEATURE_SCALE_LIMIT = 1e4
 
 
 def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedData:
@@ -74,7 +78,27 @@ def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedDat
     keep = ~np.isin(pretrain.ids, list(exclude_ids))
     if not keep.any():
         raise RunInputError("every pretraining example is excluded; nothing is left to train on")
-    return PreparedData(cfg, pretrain, ft_train, ft_test, keep, list(dict.fromkeys(exclude_ids)))
+    shift = scale = None
+    if cfg.data.standardize:
+        # Statistics of the whole pretraining file, so that --exclude retrains see the same
+        # inputs as the run they are compared with.
+        shift = pretrain.X.mean(axis=0)
+        scale = pretrain.X.std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        if not (np.isfinite(shift).all() and np.isfinite(scale).all()):
+            raise RunInputError(f"{pretrain.path.name}: features are too large to standardize "
+                                "in float64 (their mean or spread overflows); rescale them")
+    else:
+        for table in (pretrain, ft_train, ft_test):
+            big = np.abs(table.X).max(initial=0.0)
+            if big > FEATURE_SCALE_LIMIT:
+                col = int(np.abs(table.X).max(axis=0).argmax())
+                raise RunInputError(
+                    f"{table.path.name}: feature column #{col} reaches |x| = {big:.3g}; features "
+                    f"beyond {FEATURE_SCALE_LIMIT:g} make training slow or overflow. Standardize "
+                    "them, or set `standardize = true` in the config's [data] section")
+    return PreparedData(cfg, pretrain, ft_train, ft_test, keep,
+                        list(dict.fromkeys(exclude_ids)), shift, scale)
 
 
 def build_task(data: PreparedData) -> TwoStageTask:
@@ -90,7 +114,7 @@ def build_task(data: PreparedData) -> TwoStageTask:
     keep = data.keep
 
     def tensors(table: Table, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = table.X, table.y
+        x, y = data.inputs(table), table.y
         if mask is not None:
             x, y = x[mask], y[mask]
         return torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
@@ -177,11 +201,29 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
 
     t0 = time.perf_counter()
     cfg = load_config(config_path).with_overrides(scenario=scenario, alpha=alpha)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise RunInputError(f"{out} already exists; choose another --out or pass --overwrite")
     data = prepare_data(cfg, exclude_ids)
     task = build_task(data)
+    # Everything that can be checked is checked before training: the test-point selection
+    # and the destination (which is staged now, so an unwritable --out fails at once).
+    if not isinstance(cfg.influence.test_points, str):
+        select_test_points(cfg, data.finetune_test, np.ones(len(data.finetune_test), bool))
+    staging = artifacts.open_destination(out_dir, overwrite, echo)
+    with staging:
+        try:
+            return _run(cfg, config_path, data, task, staging, overwrite, echo, timings, t0,
+                        t_all, phase)
+        except KeyboardInterrupt:
+            if staging.path == staging.dest:      # the signal arrived right after the swap
+                raise KeyboardInterrupt(f"the run was written completely to {staging.dest}"
+                                        ) from None
+            raise KeyboardInterrupt(f"nothing was written ({staging.dest} is unchanged)"
+                                    ) from None
+
+
+def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoStageTask,
+         staging: artifacts.Staging, overwrite: bool, echo: Callable[[str], None],
+         timings: dict[str, float], t0: float, t_all: float,
+         phase: Callable[[str, float], None]) -> Path:
     phase("load", t0)
     echo(f"data: {int(data.keep.sum())} pretraining examples "
          f"({len(data.excluded_ids)} excluded), {len(data.finetune_train)} finetuning, "
@@ -189,9 +231,10 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
          f"pretraining parameters, scenario {task.scenario}")
 
     t0 = time.perf_counter()
+    pause_point("training")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NotConvergedWarning)
-        fit = train(task, cfg, progress=TrainingProgress())
+        fit = train(task, cfg, monitor=TrainingProgress())
     for w in caught:
         echo(f"WARNING: {w.message}")
     timings["pretrain"] = round(fit.pretrain.seconds, 3)
@@ -201,7 +244,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
 
     t0 = time.perf_counter()
     dtype = DTYPES[cfg.dtype]
-    x_test = torch.as_tensor(data.finetune_test.X, dtype=dtype)
+    x_test = torch.as_tensor(data.inputs(data.finetune_test), dtype=dtype)
     y_test = torch.as_tensor(data.finetune_test.y, dtype=torch.long)
     pred = predict(task, fit, x_test, y_test)
     correct = pred["pred"] == data.finetune_test.y
@@ -226,6 +269,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     rank = f", directions of rank {inf.direction_rank}" if inf.direction_rank else ""
     echo(f"scoring {len(rows)} test points x {len(pre_x)} pretraining examples "
          f"(solver {inf.solver}{rank})")
+    pause_point("scoring")
     scores = compute_scores(task, fit, x_test[rows], y_test[rows], args,
                             progress=Progress("per-example gradients"))
     timings.update({k: round(v, 3) for k, v in scores.timings.items()})
@@ -291,10 +335,10 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
                     "backbone_ft": fit.backbone_ft.numpy(), "t": fit.t.numpy()}
     timings["total"] = round(time.perf_counter() - t_all, 3)
     path = artifacts.write_run(
-        out, manifest, test_df, pre_df,
+        staging.dest, manifest, test_df, pre_df,
         {"total": scores.total.numpy(), "pretrained_term": scores.pretrained_term.numpy(),
          "finetuned_term": scores.finetuned_term.numpy()},
-        pre_xy, test_xy, overwrite=overwrite, model_arrays=model_arrays)
+        pre_xy, test_xy, overwrite=overwrite, model_arrays=model_arrays, staging=staging)
     echo(f"wrote {path} in {time.perf_counter() - t_all:.1f}s: test accuracy "
          f"{correct.mean():.3f}, {n_mis} of {len(correct)} test points misclassified; "
          "time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()

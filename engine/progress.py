@@ -30,19 +30,29 @@ class Progress:
 
 
 class TrainingProgress:
-    """Iterations and gradient norm of a training stage, at most every ``interval`` seconds."""
+    """Training progress on stderr: phase, step and gradient norm at most every ``interval``
+    seconds (and whenever the phase changes); notes (stalls, saddles, switches) always."""
 
     def __init__(self, stream=None, interval: float = 2.0) -> None:
         self.stream = stream or sys.stderr
         self.interval = interval
         self.start = time.perf_counter()
         self.last = 0.0
+        self.phase = ("", "")
 
-    def __call__(self, stage: str, done: int, limit: int, grad_norm: float) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        self.stream.write(f"  {stage}: iteration {done}/{limit} (at most), gradient norm "
-                          f"{grad_norm:.2e}, elapsed {now - self.start:.0f}s\n")
+    def _write(self, line: str) -> None:
+        self.stream.write(f"  {line}, elapsed {time.perf_counter() - self.start:.0f}s\n")
         self.stream.flush()
+
+    def step(self, stage: str, phase: str, done: int, limit: int, grad_norm: float,
+             detail: str = "") -> None:
+        now = time.perf_counter()
+        if (stage, phase) == self.phase and now - self.last < self.interval:
+            return
+        self.last, self.phase = now, (stage, phase)
+        extra = f" ({detail})" if detail else ""
+        self._write(f"{stage}: {phase} step {done}/{limit} (at most), gradient norm "
+                    f"{grad_norm:.2e}{extra}")
+
+    def note(self, stage: str, message: str) -> None:
+        self._write(f"{stage}: {message}")

@@ -1,10 +1,21 @@
-"""Training routines for both stages: full-batch L-BFGS to a gradient-norm tolerance.
+"""Training routines for both stages: L-BFGS, then trust-region Newton that certifies a minimum.
 
-Influence functions assume each stage sits at a stationary point of its objective, so both
-stages are trained full-batch with strong-Wolfe L-BFGS until the 2-norm of the objective's
-gradient is below ``tolerance``.  The final gradient norm is reported; an unconverged stage
-triggers a visible warning and is recorded in the results.  Users may skip these routines and
-bring already trained parameters (see :func:`fit_from_modules`).
+Influence functions assume each stage sits at a *minimum* of its objective (gradient ~ 0,
+positive definite Hessian).  Each stage is trained full-batch in two phases:
+
+1. **L-BFGS** (strong Wolfe) until the gradient norm is below ``NewtonSettings``'s switch point
+   (``switch_grad``, default 1e-4) or until a stall detector sees no progress for 100
+   iterations; both are cheap per iteration but slow in the tail, and their trajectory depends
+   on floating-point details (BLAS kernels, thread counts).
+2. **Trust-region Newton** (:mod:`engine.trust_region`): exact dense Hessian + eigendecomposition
+   for models up to ``dense_max_dim`` variables, Steihaug CG on Hessian-vector products above.
+   It takes the gradient to ``tolerance`` in a handful of steps and checks the curvature where it
+   stops; at a saddle it steps along negative curvature and hands back to L-BFGS.  A saddle is
+   never reported as converged.
+
+Every phase reports progress through a :class:`TrainingMonitor`; the final status, gradient
+norm, smallest Hessian eigenvalue and how it was obtained are recorded in the results.  Users
+may skip these routines and bring already trained parameters (see :func:`fit_from_modules`).
 """
 
 from __future__ import annotations
@@ -14,21 +25,34 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch.func import functional_call
 
 from engine.task import TwoStageTask
+from engine.trust_region import DenseCurvature, NewtonSettings, newton_phase
 
 log = logging.getLogger(__name__)
 
-# (stage name, iterations done, iteration limit, current gradient norm)
-ProgressCallback = Callable[[str, int, int, float], None]
+MAX_SADDLE_ESCAPES = 5
+STALL_WINDOW = 100          # L-BFGS iterations without halving the best gradient norm
+
+
+class TrainingMonitor(Protocol):
+    """Receives progress of a training stage (see :class:`engine.progress.TrainingProgress`)."""
+
+    def step(self, stage: str, phase: str, done: int, limit: int, grad_norm: float,
+             detail: str = "") -> None:
+        """A phase made progress (called often; implementations throttle)."""
+
+    def note(self, stage: str, message: str) -> None:
+        """Something the user should read (a stall, a saddle, a switch of method)."""
 
 
 class NotConvergedWarning(UserWarning):
-    """A stage's gradient norm is above its tolerance: influence scores may be unreliable."""
+    """A stage is not at a certified minimum: influence scores may be unreliable."""
 
 
 class TrainingError(RuntimeError):
@@ -37,7 +61,14 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class StageFit:
-    """Outcome of training one stage."""
+    """Outcome of training one stage.
+
+    ``status``: ``minimum`` (gradient below tolerance, Hessian positive definite), ``singular``
+    (gradient below tolerance, smallest eigenvalue at round-off: a flat direction), ``saddle``,
+    ``unchecked`` (Newton phase disabled: curvature not examined) or ``not converged``.
+    ``curvature`` is the dense Hessian's eigendecomposition at ``params`` when one was built
+    there (reused as a warm-start hint); it is not part of :meth:`summary`.
+    """
 
     params: torch.Tensor
     final_grad_norm: float
@@ -45,15 +76,28 @@ class StageFit:
     iterations: int
     tolerance: float
     seconds: float
+    status: str = "unchecked"
+    min_eigenvalue: float | None = None
+    curvature_check: str = "none"
+    newton_steps: int = 0
+    hessians: int = 0
+    hvps: int = 0
+    saddle_escapes: int = 0
+    curvature: DenseCurvature | None = field(default=None, repr=False)
 
     @property
     def converged(self) -> bool:
-        return self.final_grad_norm <= self.tolerance
+        return (self.final_grad_norm <= self.tolerance
+                and self.status in ("minimum", "singular", "unchecked"))
 
     def summary(self) -> dict:
         return {"final_grad_norm": self.final_grad_norm, "final_objective": self.final_objective,
                 "iterations": self.iterations, "tolerance": self.tolerance,
-                "converged": self.converged, "seconds": round(self.seconds, 3)}
+                "converged": self.converged, "status": self.status,
+                "min_eigenvalue": self.min_eigenvalue, "curvature_check": self.curvature_check,
+                "newton_steps": self.newton_steps, "hessians": self.hessians,
+                "hvps": self.hvps, "saddle_escapes": self.saddle_escapes,
+                "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -72,122 +116,161 @@ class TwoStageFit:
     finetune: StageFit | None = None
 
 
-def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
-                   tolerance: float, max_iter: int, name: str,
-                   history_size: int = 100, newton_steps: int = 30,
-                   progress: ProgressCallback | None = None) -> StageFit:
-    """Minimize a smooth scalar function of a flat vector with full-batch L-BFGS.
-
-    L-BFGS's line search stalls once objective changes drop below float round-off (gradient
-    norms around 1e-9 in float64); a few Newton-CG steps, which only need gradients, then take
-    the gradient norm down to round-off level so removal experiments are not drowned in noise.
-    """
-    start = time.perf_counter()
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, history_size=history_size,
-                            tolerance_grad=0.0, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
+def _checked(name: str, objective: Callable[[torch.Tensor], torch.Tensor]
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def closure_value(x: torch.Tensor) -> torch.Tensor:
         value = objective(x)
         if not torch.isfinite(value):
             raise TrainingError(
                 f"{name}: the objective became {value.item()} (NaN or infinite). Check the "
-                "inputs for NaN/inf values, lower the learning problem's scale, or use float64."
-            )
-        value.backward()
+                "inputs for NaN/inf values, lower the learning problem's scale, or use float64.")
         return value
+    return closure_value
 
-    iters, grad_norm, value = 0, math.inf, math.inf
+
+def _lbfgs_phase(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
+                 target: float, budget: int, name: str, history_size: int,
+                 monitor: TrainingMonitor | None, stall_window: int | None
+                 ) -> tuple[torch.Tensor, float, float, int, str]:
+    """L-BFGS until the gradient norm is <= ``target``, a stall, or ``budget`` iterations.
+
+    Returns ``(x, gradient norm, objective, iterations, why it stopped)``.
+    """
+    x = x0.detach().clone().requires_grad_(True)
+    checked = _checked(name, objective)
+    value_t = checked(x)
+    (g,) = torch.autograd.grad(value_t, x)
+    grad_norm, value = g.norm().item(), value_t.item()
+    if grad_norm <= target or budget <= 0:
+        return x.detach(), grad_norm, value, 0, "target" if grad_norm <= target else "budget"
+    opt = torch.optim.LBFGS([x], lr=1.0, history_size=history_size, tolerance_grad=0.0,
+                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        v = checked(x)
+        v.backward()
+        return v
+
+    iters, best, best_at = 0, grad_norm, 0
     state = opt.state[x]
-    while iters < max_iter:
-        # Check the gradient-norm tolerance every few dozen iterations.
-        opt.param_groups[0]["max_iter"] = min(25, max_iter - iters)
+    while True:
+        opt.param_groups[0]["max_iter"] = min(25, budget - iters)
         opt.step(closure)
         done = int(state.get("n_iter", 0))
-        x_val = objective(x)
-        (g,) = torch.autograd.grad(x_val, x)
-        prev_value, prev_norm = value, grad_norm
-        grad_norm, value = g.norm().item(), x_val.item()
+        value_t = checked(x)
+        (g,) = torch.autograd.grad(value_t, x)
+        grad_norm, value = g.norm().item(), value_t.item()
         if not math.isfinite(grad_norm):
             raise TrainingError(f"{name}: the gradient became non-finite")
-        # At round-off level the line search stops making progress: nothing more to gain.
-        stalled = done == iters or (value >= prev_value and grad_norm >= 0.5 * prev_norm)
+        no_step = done == iters     # the line search found no acceptable step at all
         iters = done
-        if progress is not None:
-            progress(name, iters, max_iter, grad_norm)
-        if grad_norm <= tolerance or stalled:
-            break
-    if grad_norm > tolerance and newton_steps > 0:
-        x_new, grad_norm, value = _newton_polish(objective, x.detach(), grad_norm, value,
-                                                 newton_steps, tolerance)
-        x = x_new
-    fit = StageFit(x.detach(), grad_norm, value, iters, tolerance, time.perf_counter() - start)
+        if grad_norm < 0.5 * best:
+            best, best_at = grad_norm, iters
+        if monitor is not None:
+            monitor.step(name, "L-BFGS", iters, budget, grad_norm)
+        if grad_norm <= target:
+            return x.detach(), grad_norm, value, iters, "target"
+        if no_step:
+            return x.detach(), grad_norm, value, iters, "no step"
+        if stall_window is not None and iters - best_at >= stall_window:
+            return x.detach(), grad_norm, value, iters, "stall"
+        if iters >= budget:
+            return x.detach(), grad_norm, value, iters, "budget"
+
+
+def minimize(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
+             tolerance: float, max_iter: int, name: str,
+             newton: NewtonSettings | None = None, history_size: int = 100,
+             hint: DenseCurvature | None = None,
+             monitor: TrainingMonitor | None = None) -> StageFit:
+    """Minimize a smooth scalar function of a flat vector to a certified minimum.
+
+    ``max_iter`` bounds the L-BFGS iterations (all phases together); ``newton`` (default
+    :class:`NewtonSettings`) configures the trust-region Newton phase; ``max_steps=0`` disables
+    it (plain L-BFGS to ``tolerance``, curvature unchecked).  ``hint`` is a dense curvature near
+    ``x0`` (e.g. from the run being warm-started): Newton then starts at once and reuses it.
+    """
+    start = time.perf_counter()
+    settings = newton if newton is not None else NewtonSettings()
+    use_newton = settings.max_steps > 0
+    x = x0.detach().clone()
+    iters = escapes = steps = hessians = hvps = 0
+    result = None
+    while True:
+        if hint is None or escapes > 0:
+            target = max(tolerance, settings.switch_grad) if use_newton else tolerance
+            x, grad_norm, value, done, why = _lbfgs_phase(
+                objective, x, target=target, budget=max_iter - iters, name=name,
+                history_size=history_size, monitor=monitor,
+                stall_window=STALL_WINDOW if use_newton else None)
+            iters += done
+            if why == "stall" and monitor is not None:
+                monitor.note(name, f"L-BFGS stalled: gradient norm {grad_norm:.2e} has not halved "
+                                   f"in {STALL_WINDOW} iterations; switching to trust-region "
+                                   "Newton")
+            if not use_newton:
+                break
+        result = newton_phase(
+            _checked(name, objective), x, tolerance=tolerance, settings=settings,
+            hint=hint, radius=None if result is None else result.radius,
+            on_step=None if monitor is None else (
+                lambda phase, k, limit, gn, detail: monitor.step(name, phase, k, limit, gn,
+                                                                 detail)))
+        x, grad_norm, value = result.x, result.grad_norm, result.value
+        steps, hessians, hvps = steps + result.steps, hessians + result.hessians, \
+            hvps + result.hvps
+        if result.status == "saddle" and result.escaped_saddle and escapes < MAX_SADDLE_ESCAPES:
+            escapes += 1
+            hint = result.curvature    # stale, but a good model to resume Newton with
+            if monitor is not None:
+                monitor.note(name, f"left a saddle point (lowest Hessian eigenvalue "
+                                   f"{result.min_eigenvalue:.3g}) along negative curvature; "
+                                   "resuming L-BFGS")
+            continue
+        break
+    if result is None:
+        status, lo, check, curvature = "unchecked", None, "none", None
+        if grad_norm > tolerance:
+            status = "not converged"
+    else:
+        status = result.status if result.status in ("minimum", "singular", "saddle") \
+            else "not converged"
+        lo, check, curvature = result.min_eigenvalue, result.curvature_check, result.curvature
+    fit = StageFit(x.detach(), grad_norm, value, iters, tolerance, time.perf_counter() - start,
+                   status, lo, check, steps, hessians, hvps, escapes, curvature)
     if not fit.converged:
-        warnings.warn(
-            f"{name} did not converge: gradient norm {grad_norm:.3g} > tolerance {tolerance:.3g} "
-            f"after {iters} iterations. Influence scores assume a stationary point; raise "
-            "max_iter, add weight decay, or use float64.",
-            NotConvergedWarning, stacklevel=2)
-    log.info("%s: %d iterations, gradient norm %.3g, objective %.6g, %.2fs",
-             name, iters, grad_norm, value, fit.seconds)
+        warnings.warn(_not_converged_message(name, fit, result), NotConvergedWarning,
+                      stacklevel=2)
+    log.info("%s: %s, %d L-BFGS iterations, %d Newton steps (%d Hessians, %d HVPs), gradient "
+             "norm %.3g, objective %.6g, %.2fs", name, status, iters, steps, hessians, hvps,
+             grad_norm, value, fit.seconds)
     return fit
 
 
-def _newton_polish(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   grad_norm: float, value: float, steps: int, tolerance: float
-                   ) -> tuple[torch.Tensor, float, float]:
-    """Levenberg-damped Newton-CG on Hessian-vector products; keeps only improving steps.
+def _not_converged_message(name: str, fit: StageFit, result: object | None) -> str:
+    if fit.status == "saddle":
+        return (f"{name} stopped at a saddle point, not a minimum: the Hessian's lowest "
+                f"eigenvalue is {fit.min_eigenvalue:.3g} ({fit.curvature_check}) after "
+                f"{fit.saddle_escapes} escapes. Influence scores assume a minimum; change the "
+                "seed or add weight decay.")
+    why = "the L-BFGS iteration limit (max_iter)" if result is None else (
+        "the Newton step limit" if getattr(result, "status", "") == "limit"
+        else "a stall at floating-point round-off")
+    return (f"{name} did not converge: gradient norm {fit.final_grad_norm:.3g} > tolerance "
+            f"{fit.tolerance:.3g} after {fit.iterations} L-BFGS iterations and "
+            f"{fit.newton_steps} Newton steps (stopped by {why}). Influence scores assume a "
+            "minimum; raise max_iter, add weight decay, standardize the features, or use "
+            "float64.")
 
-    Solves ``(Hess + mu I) d = -grad`` by CG; negative curvature (a saddle region) raises ``mu``,
-    accepted full steps lower it, so the iteration ends in plain Newton steps near a minimum.
-    """
-    grad_fn = torch.func.grad(objective)
-    mu = 1e-8 * max(1.0, abs(value))
-    for _ in range(steps):
-        g = grad_fn(x)
 
-        def hvp(v: torch.Tensor, x=x) -> torch.Tensor:
-            return torch.func.jvp(grad_fn, (x,), (v,))[1]
-
-        d, r = torch.zeros_like(x), -g
-        p, rs = r.clone(), (r * r).sum()
-        negative = False
-        for _ in range(min(5 * x.numel(), 300)):
-            hp = hvp(p) + mu * p
-            php = (p * hp).sum()
-            if php <= 0:
-                negative = True
-                break
-            a = rs / php
-            d, r = d + a * p, r - a * hp
-            rs_new = (r * r).sum()
-            if rs_new.sqrt() <= 1e-10 * grad_norm:
-                break
-            p, rs = r + (rs_new / rs) * p, rs_new
-        if negative:
-            mu = max(mu * 100, 1e-6)
-            continue
-        accepted = False
-        for step in (1.0, 0.5, 0.25, 0.1):
-            cand = x + step * d
-            with torch.no_grad():
-                cand_value = objective(cand).item()
-            cand_norm = grad_fn(cand).norm().item()
-            # Near round-off the objective cannot drop further; the gradient norm still can.
-            if math.isfinite(cand_norm) and (cand_value < value or (
-                    cand_value <= value + 1e-13 * abs(value) and cand_norm < grad_norm)):
-                x, grad_norm, value, accepted = cand, cand_norm, cand_value, True
-                mu = mu / 10 if step == 1.0 else mu
-                break
-        if not accepted:
-            mu *= 100
-            if mu > 1e6:
-                break
-        if grad_norm <= tolerance:
-            break
-    return x, grad_norm, value
+def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
+                   tolerance: float, max_iter: int, name: str, history_size: int = 100,
+                   newton_steps: int = 100, monitor: TrainingMonitor | None = None) -> StageFit:
+    """:func:`minimize` with ``newton_steps`` trust-region steps (0: L-BFGS only)."""
+    return minimize(objective, x0, tolerance=tolerance, max_iter=max_iter, name=name,
+                    newton=NewtonSettings(max_steps=newton_steps), history_size=history_size,
+                    monitor=monitor)
 
 
 def pretrain_objective(task: TwoStageTask, x: torch.Tensor, y: torch.Tensor,
@@ -239,7 +322,8 @@ def finetune_objective(task: TwoStageTask, backbone_pre: torch.Tensor,
 def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tensor] | None = None,
                     keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
                     tolerance: float = 1e-7, max_iter: int = 2000,
-                    progress: ProgressCallback | None = None) -> StageFit:
+                    newton: NewtonSettings | None = None, hint: DenseCurvature | None = None,
+                    monitor: TrainingMonitor | None = None) -> StageFit:
     """Train stage 1 (backbone + pretraining head) and return ``[backbone; w]``.
 
     ``keep`` is a boolean mask over pretraining examples (removal retraining); ``init`` warm
@@ -255,15 +339,16 @@ def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tenso
     ub0, w0, _ = task.initial_state()
     if init is not None:
         ub0, w0 = init
-    return minimize_lbfgs(pretrain_objective(task, x, y, sample_weights), torch.cat([ub0, w0]),
-                          tolerance=tolerance, max_iter=max_iter, name="pretraining",
-                          progress=progress)
+    return minimize(pretrain_objective(task, x, y, sample_weights), torch.cat([ub0, w0]),
+                    tolerance=tolerance, max_iter=max_iter, name="pretraining", newton=newton,
+                    hint=hint, monitor=monitor)
 
 
 def fit_finetuning(task: TwoStageTask, backbone_pre: torch.Tensor, *,
                    init: tuple[torch.Tensor, torch.Tensor] | None = None,
                    tolerance: float = 1e-7, max_iter: int = 2000,
-                   progress: ProgressCallback | None = None) -> StageFit:
+                   newton: NewtonSettings | None = None, hint: DenseCurvature | None = None,
+                   monitor: TrainingMonitor | None = None) -> StageFit:
     """Train stage 2 given U*; returns ``t`` (fixed) or ``[t; backbone]`` (updated).
 
     ``init`` = (t, backbone) warm start; the backbone starts at U* when not given.
@@ -274,25 +359,36 @@ def fit_finetuning(task: TwoStageTask, backbone_pre: torch.Tensor, *,
     if init is not None:
         t0, ub0 = init
     x0 = t0 if task.scenario == "fixed" else torch.cat([t0, ub0])
-    return minimize_lbfgs(finetune_objective(task, backbone_pre, x, y), x0,
-                          tolerance=tolerance, max_iter=max_iter, name="finetuning",
-                          progress=progress)
+    return minimize(finetune_objective(task, backbone_pre, x, y), x0,
+                    tolerance=tolerance, max_iter=max_iter, name="finetuning", newton=newton,
+                    hint=hint, monitor=monitor)
 
 
 def fit_two_stage(task: TwoStageTask, *, tolerance: tuple[float, float] = (1e-7, 1e-7),
                   max_iter: tuple[int, int] = (2000, 2000), keep: torch.Tensor | None = None,
                   sample_weights: torch.Tensor | None = None,
                   warm_start: TwoStageFit | None = None,
-                  progress: ProgressCallback | None = None) -> TwoStageFit:
-    """Train both stages (optionally without some pretraining examples, warm-started)."""
+                  newton: NewtonSettings | None = None,
+                  monitor: TrainingMonitor | None = None) -> TwoStageFit:
+    """Train both stages (optionally without some pretraining examples, warm-started).
+
+    A ``warm_start`` that carries its stages' dense curvature (a fit made by this function)
+    also lends it to the Newton phase, so a retrain near it needs few or no new Hessians.
+    """
     nb = task.backbone_layout.numel
+
+    def hint(stage: StageFit | None) -> DenseCurvature | None:
+        return None if stage is None else stage.curvature
+
     pre = fit_pretraining(
         task, keep=keep, sample_weights=sample_weights, tolerance=tolerance[0],
-        max_iter=max_iter[0], progress=progress,
+        max_iter=max_iter[0], newton=newton, monitor=monitor,
+        hint=None if warm_start is None or keep is not None else hint(warm_start.pretrain),
         init=None if warm_start is None else (warm_start.backbone_pre, warm_start.w))
     backbone_pre, w = pre.params[:nb], pre.params[nb:]
     ft = fit_finetuning(
-        task, backbone_pre, tolerance=tolerance[1], max_iter=max_iter[1], progress=progress,
+        task, backbone_pre, tolerance=tolerance[1], max_iter=max_iter[1], newton=newton,
+        monitor=monitor, hint=None if warm_start is None else hint(warm_start.finetune),
         init=None if warm_start is None else (warm_start.t, warm_start.backbone_ft))
     nt = task.t_layout.numel
     if task.scenario == "fixed":

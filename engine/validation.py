@@ -41,7 +41,7 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,7 +54,9 @@ import pandas as pd
 import torch
 
 from engine import artifacts
-from engine.pipeline import read_ids_file, task_from_run
+from engine.atomic_dir import Staging, recover
+from engine.ids_file import read_ids_file
+from engine.pipeline import task_from_run
 from engine.progress import Progress
 from engine.scores import per_example_gradients, test_gradients
 from engine.task import TwoStageTask
@@ -127,6 +129,7 @@ def _arrays_to_fit(arrays: dict[str, np.ndarray], dtype: torch.dtype) -> TwoStag
 def _init_worker(run_path: str, reference: dict[str, np.ndarray], tolerance: float,
                  max_iter: int, max_rounds: int) -> None:
     """Worker initializer: one torch thread; rebuild the task once from the run directory."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     run = artifacts.load_run(run_path, verify_hashes=False)
     _, task, _ = task_from_run(run)
@@ -658,17 +661,24 @@ def _checks(loo: dict[str, Any], group: dict[str, Any] | None, noise: dict[str, 
 
 
 def _write_atomic(run_path: Path, files: dict[str, Callable[[Path], None]]) -> Path:
-    """Write all files into a temp dir, then swap it in as ``validation/``."""
+    """Write all files into a staging directory, then swap it in as ``validation/``."""
     out = run_path / VALIDATION_DIR
-    tmp = artifacts.staging_dir(run_path, f".{VALIDATION_DIR}.partial-")
-    try:
+    for line in recover(out, lambda p: (p / "summary.json").is_file()):
+        print(line)
+    with Staging(out) as staging:
         for name, writer in files.items():
-            writer(tmp / name)
-        artifacts.swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            writer(staging.path / name)
+        staging.swap_into_place(_check_validation_dir)
     return out
+
+
+def _check_validation_dir(path: Path) -> None:
+    """Only a previous validation result (or an empty folder) is replaced."""
+    if path.is_dir() and not path.is_symlink() and (
+            not any(path.iterdir()) or (path / "summary.json").is_file()):
+        return
+    raise ValidationError(f"refusing to replace {path}: it is not a validation result written "
+                          "by this tool; move it away first")
 
 
 def validate(run_dir: str | os.PathLike, settings: ValidationSettings | None = None,
@@ -719,7 +729,7 @@ def _validate(run_dir: Path, settings: ValidationSettings,
         reference = fit_two_stage(task, tolerance=(settings.tolerance,) * 2,
                                   max_iter=(settings.max_iter,) * 2, warm_start=stored)
     timings["reference_fit"] = time.perf_counter() - t0
-    ctx = _Context(run, task, stored, reference, torch.as_tensor(test.X, dtype=dtype),
+    ctx = _Context(run, task, stored, reference, torch.as_tensor(data.inputs(test), dtype=dtype),
                    torch.as_tensor(test.y, dtype=torch.long), score_rows, targeted)
     drift = _measure(ctx, reference.t, reference.backbone_ft, score_rows[rows]) - _measure(
         ctx, stored.t, stored.backbone_ft, score_rows[rows])

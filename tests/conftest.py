@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,8 @@ from torch import nn
 from engine.task import TwoStageTask, squared_error
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_CONFIG = ROOT / "sample_data" / "digits" / "config.toml"
+DIGITS = ROOT / "sample_data" / "digits"
+SAMPLE_CONFIG = DIGITS / "config.toml"
 
 # The test models are tiny: OpenMP threads only add spin-wait overhead (7x slower under load).
 torch.set_num_threads(1)
@@ -66,6 +68,23 @@ def mlp_task(scenario: str = "fixed", alpha: float = 1.0, seed: int = 0, m: int 
         (xp, yp), (xf, (lf == 0).long()), pretrain_weight_decay=1e-2,
         finetune_weight_decay=1e-2, scenario=scenario, alpha=alpha, tracked_backbone=tracked)
     return task, xt, (lt == 0).long()
+
+
+@pytest.fixture(scope="session")
+def small_config(tmp_path_factory) -> Path:
+    """150 pretraining digits, 40 finetuning, 25 test; 8 hidden units; PCA map."""
+    d = tmp_path_factory.mktemp("cfg")
+    pd.read_parquet(DIGITS / "pretrain.parquet").iloc[:150].to_parquet(d / "pre.parquet")
+    pd.read_parquet(DIGITS / "finetune_train.parquet").iloc[:40].to_parquet(d / "ft.parquet")
+    pd.read_parquet(DIGITS / "finetune_test.parquet").iloc[:25].to_parquet(d / "test.parquet")
+    text = (DIGITS / "config.toml").read_text()
+    text = (text.replace('"pretrain.parquet"', '"pre.parquet"')
+                .replace('"finetune_train.parquet"', '"ft.parquet"')
+                .replace('"finetune_test.parquet"', '"test.parquet"')
+                .replace("hidden = [32]", "hidden = [8]")
+                .replace('method = "umap"', 'method = "pca"'))
+    (d / "config.toml").write_text(text)
+    return d / "config.toml"
 
 
 @pytest.fixture(scope="session")

@@ -19,23 +19,6 @@ DIGITS = ROOT / "sample_data" / "digits"
 
 
 @pytest.fixture(scope="module")
-def small_config(tmp_path_factory) -> Path:
-    """150 pretraining digits, 40 finetuning, 25 test; 8 hidden units; PCA map."""
-    d = tmp_path_factory.mktemp("cfg")
-    pd.read_parquet(DIGITS / "pretrain.parquet").iloc[:150].to_parquet(d / "pre.parquet")
-    pd.read_parquet(DIGITS / "finetune_train.parquet").iloc[:40].to_parquet(d / "ft.parquet")
-    pd.read_parquet(DIGITS / "finetune_test.parquet").iloc[:25].to_parquet(d / "test.parquet")
-    text = (DIGITS / "config.toml").read_text()
-    text = (text.replace('"pretrain.parquet"', '"pre.parquet"')
-                .replace('"finetune_train.parquet"', '"ft.parquet"')
-                .replace('"finetune_test.parquet"', '"test.parquet"')
-                .replace("hidden = [32]", "hidden = [8]")
-                .replace('method = "umap"', 'method = "pca"'))
-    (d / "config.toml").write_text(text)
-    return d / "config.toml"
-
-
-@pytest.fixture(scope="module")
 def small_run(small_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "small"
     return run(small_config, out, echo=lambda s: None)

@@ -15,10 +15,12 @@ from dashboard.filters import most_harmful
 from dashboard.flag_controls import (
     NOTE_KEY,
     REASON_KEY,
+    guarded_read,
     guarded_write,
     reason_inputs,
     show_store_error,
 )
+from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import class_names, label_name, metadata_columns
 
 run = session.current_run()
@@ -44,9 +46,14 @@ def _pick() -> None:
 wanted = str(st.session_state.get(session.EXAMPLE_KEY) or "").strip()
 if not wanted or wanted not in eindex:
     if wanted:
-        st.error(f"Pretraining example `{wanted}` is not in run `{run.path.name}` "
-                 f"({run.n_pretrain:,} examples, e.g. "
-                 f"`{run.pretrain_examples['example_id'].iloc[0]}`).", icon=":material/error:")
+        example = (f", e.g. {md_code(run.pretrain_examples['example_id'].iloc[0])}"
+                   if run.n_pretrain else "")
+        st.error(f"Pretraining example {md_code(wanted)} (from the URL or the box above) is not "
+                 f"in run {md_code(run.path.name)} ({run.n_pretrain:,} examples{example}). "
+                 "Type another id above or pick one below.", icon=":material/error:")
+    if not run.n_pretrain:
+        st.info("This run has no pretraining examples.")
+        st.stop()
     mis = session.influence_over(run.run_id, "misclassified", run)
     suggestions = most_harmful(mis, 50)["example_id"].tolist() or \
         run.pretrain_examples["example_id"].astype(str).head(50).tolist()
@@ -56,7 +63,7 @@ if not wanted or wanted not in eindex:
 
 col = eindex[wanted]
 record = run.pretrain_examples.iloc[col]
-flags = store.flags(run.run_id)
+flags = guarded_read(store.flags, run.run_id)
 flag_row = flags[flags["example_id"] == wanted]
 
 left, right = st.columns([1, 2])
@@ -64,7 +71,7 @@ with left:
     show_payload(run, run.pretrain_examples, col, width=180)
 with right:
     label = label_name(pre_names, int(record["label"]))
-    st.subheader(f"`{wanted}` · label {label}")
+    st.subheader(f"{md_code(wanted)} · label {md_escape(label)}")
     meta = {c: record[c] for c in metadata_columns(run)}
     if "pretrain_loss" in record:
         meta["pretrain_loss"] = f"{float(record['pretrain_loss']):.4f}"
@@ -82,11 +89,10 @@ with right:
             st.rerun()
     else:
         f = flag_row.iloc[0]
-        st.markdown(f":red[:material/flag:] **Flagged** as *{f['reason']}* by "
-                    f"{f['user'] or '?'} at {f['flagged_at']}"
-                    + (f" (from test point `{f['test_id']}`)"
-                                             if f["test_id"] else "")
-                    + (f" — {f['note']}" if f["note"] else ""))
+        st.markdown(f":red[:material/flag:] **Flagged** as *{md_escape(f['reason'])}* by "
+                    f"{md_escape(f['user'] or '?')} at {md_escape(f['flagged_at'])}"
+                    + (f" (from test point {md_code(f['test_id'])})" if f["test_id"] else "")
+                    + (f" — {md_escape(f['note'], limit=1000)}" if f["note"] else ""))
         show_store_error()
         if st.button("Unflag", key="ex_unflag"):
             guarded_write(store.unflag, run.run_id, [wanted], session.user_name())

@@ -3,8 +3,6 @@ which parts of the pretraining data help or hurt overall (including "false trans
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import plotly.io as pio
 import streamlit as st
@@ -13,9 +11,11 @@ from dashboard import session
 from dashboard.charts import confusion_heatmap, group_influence_bars
 from dashboard.example_display import example_table_view
 from dashboard.filters import aggregate_by_group, most_harmful, most_helpful
+from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import (
     confusion_matrix,
     group_columns,
+    manifest_mapping,
     stage_rows,
     task_description,
     unconverged_stages,
@@ -23,32 +23,44 @@ from dashboard.run_details import (
 
 run = session.current_run()
 manifest = run.manifest
-metrics = manifest.get("metrics") or {}
+metrics = manifest_mapping(run, "metrics")
 
-st.title(f"Run `{run.path.name}`")
-st.caption(f"run_id `{run.run_id}` · created {manifest.get('created_at', '?')} · {run.path}")
-st.markdown(f"**Task:** {task_description(run)}")
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+st.title(f"Run {md_code(run.path.name)}")
+st.caption(f"run_id {md_code(run.run_id)} · created {md_escape(manifest.get('created_at', '?'))}"
+           f" · {md_code(run.path)}")
+st.markdown(f"**Task:** {md_escape(task_description(run))}")
 
 c = st.columns(6)
 c[0].metric("Scenario", str(manifest.get("scenario", "?")))
 alpha = manifest.get("alpha")
-c[1].metric("alpha", "– (fixed)" if alpha is None else f"{alpha:g}")
+c[1].metric("alpha", "– (fixed)" if alpha is None else
+            f"{alpha:g}" if _number(alpha) else str(alpha))
 acc = metrics.get("test_accuracy")
-c[2].metric("Test accuracy", f"{acc:.1%}" if isinstance(acc, (int, float)) else "–")
-n_mis = metrics.get("n_misclassified", int((~run.test_points["correct"].astype(bool)).sum()))
+c[2].metric("Test accuracy", f"{acc:.1%}" if _number(acc) else "–")
+n_mis = metrics.get("n_misclassified")
+if not (isinstance(n_mis, int) and not isinstance(n_mis, bool)):
+    n_mis = int((~run.test_points["correct"].astype(bool)).sum())
 c[3].metric("Misclassified", f"{n_mis} / {run.n_test}")
 c[4].metric("Pretraining examples", f"{run.n_pretrain:,}")
 c[5].metric("Measurement", str(manifest.get("measurement", "loss")))
 
 if manifest.get("approximation"):
-    st.warning(f"**Approximate scores:** {manifest['approximation']}.", icon=":material/info:")
+    st.warning(f"**Approximate scores:** {md_escape(manifest['approximation'], limit=1000)}.",
+               icon=":material/info:")
 
 for stage in unconverged_stages(run):
-    info = (manifest.get("stages") or {}).get(stage) or {}
+    info = manifest_mapping(run, "stages").get(stage)
+    info = info if isinstance(info, dict) else {}
     st.warning(
-        f"**The {stage} stage did not converge** (final gradient norm "
-        f"{info.get('final_grad_norm', '?')}, tolerance {info.get('tolerance', '?')}, "
-        f"{info.get('iterations', '?')} iterations): its influence scores are less reliable.",
+        f"**The {md_escape(stage)} stage did not converge** (final gradient norm "
+        f"{md_escape(info.get('final_grad_norm', '?'))}, tolerance "
+        f"{md_escape(info.get('tolerance', '?'))}, {md_escape(info.get('iterations', '?'))} "
+        "iterations): its influence scores are less reliable.",
         icon=":material/warning:")
 
 left, right = st.columns([3, 2])
@@ -62,23 +74,32 @@ with left:
     details = {k: manifest.get(k) for k in ("tracked_backbone", "approximation") if k in manifest}
     details.update({k: v for k, v in metrics.items() if k.endswith("train_accuracy")})
     if details:
-        st.caption(" · ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
+        st.caption(" · ".join(md_escape(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}")
                               for k, v in details.items()))
-    if manifest.get("excluded_ids"):
-        st.caption(f"This run excluded {len(manifest['excluded_ids'])} pretraining examples.")
+    excluded = manifest.get("excluded_ids")
+    if isinstance(excluded, list) and excluded:
+        st.caption(f"This run excluded {len(excluded)} pretraining examples.")
 with right:
     st.plotly_chart(confusion_heatmap(confusion_matrix(run)), key="confusion",
                     config={"displayModeBar": False})
 
 st.subheader("Validation")
 validation = run.validation
+raw_checks = validation.get("checks") if isinstance(validation, dict) else None
 if not validation:
     st.info(f"No validation results for this run. Produce them with "
-            f"`python -m engine validate {run.path}` (writes `validation/summary.json`).")
+            f"{md_code(f'python -m engine validate {run.path}')} "
+            "(writes `validation/summary.json`).")
+elif not isinstance(validation, dict):
+    st.error("validation/summary.json is not a JSON object; re-run `python -m engine validate`.")
 elif "error" in validation:
-    st.error(validation["error"])
+    st.error(md_escape(validation["error"], limit=1000))
+elif raw_checks is not None and not (isinstance(raw_checks, list)
+                                     and all(isinstance(c, dict) for c in raw_checks)):
+    st.error("validation/summary.json: `checks` is not a list of objects; re-run "
+             "`python -m engine validate`.")
 else:
-    checks = pd.DataFrame(validation.get("checks") or [])
+    checks = pd.DataFrame(raw_checks or [])
     if checks.empty:
         st.info("validation/summary.json lists no checks.")
     else:
@@ -86,14 +107,17 @@ else:
         (st.success if n_pass == len(checks) else st.warning)(
             f"{n_pass} of {len(checks)} validation checks passed.")
         if "passed" in checks:
-            checks.insert(0, "result", checks["passed"].map({True: "pass", False: "FAIL"}))
+            checks.insert(0, "result" if "result" not in checks else "check result",
+                          checks["passed"].map({True: "pass", False: "FAIL"}))
         st.dataframe(checks, hide_index=True, key="validation_table")
     scatter = run.path / "validation" / "loo_scatter.json"
     if scatter.is_file():
         try:
-            st.plotly_chart(pio.from_json(scatter.read_text()), key="loo_scatter")
-        except (ValueError, json.JSONDecodeError) as exc:
-            st.error(f"Cannot read {scatter}: {exc}")
+            figure = pio.from_json(scatter.read_text())
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+            st.error(f"Cannot read {md_code(scatter)}: {md_escape(exc, limit=500)}")
+        else:
+            st.plotly_chart(figure, key="loo_scatter")
 
 st.subheader("Which pretraining data help or hurt overall")
 all_inf = session.influence_over(run.run_id, "all", run)

@@ -19,7 +19,8 @@ from dashboard.example_display import example_table_view, show_payload
 from dashboard.export_panel import export_buttons
 from dashboard.filter_controls import describe, sidebar_filters
 from dashboard.filters import apply_filters, map_sample, score_frame
-from dashboard.flag_controls import flag_all_shown, flag_editor, reason_inputs
+from dashboard.flag_controls import flag_all_shown, flag_editor, guarded_read, reason_inputs
+from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import class_names, label_name, probability_columns
 from dashboard.test_point_list import SUBSETS, list_test_points
 
@@ -37,7 +38,8 @@ spec = sidebar_filters(run)
 
 st.title("Test point explorer")
 if run.manifest.get("approximation"):
-    st.caption(f":material/info: Approximate scores: {run.manifest['approximation']}.")
+    st.caption(":material/info: Approximate scores: "
+               f"{md_escape(run.manifest['approximation'], limit=1000)}.")
 
 
 def _set_test(test_id: str) -> None:
@@ -70,12 +72,16 @@ with st.container(border=True):
 
     wanted = str(st.session_state.get(session.TEST_KEY) or "").strip()
     if wanted and wanted not in tindex:
-        st.error(f"Test point `{wanted}` (from the URL or the sidebar) is not in run "
-                 f"`{run.path.name}` ({run.n_test} test points, e.g. "
-                 f"`{run.test_points['test_id'].iloc[0]}`). Pick one below.",
+        example = (f", e.g. {md_code(run.test_points['test_id'].iloc[0])}" if run.n_test else "")
+        st.error(f"Test point {md_code(wanted)} (from the URL or the sidebar) is not in run "
+                 f"{md_code(run.path.name)} ({run.n_test} test points{example}). Pick one "
+                 "below, or clear the id (button below, or the sidebar's test point id).",
                  icon=":material/error:")
         st.button("Clear the test id", key="clear_test_id", on_click=_set_test, args=("",))
-    current = wanted if wanted in tindex else (ids[0] if ids else None)
+    unknown = bool(wanted) and wanted not in tindex
+    # An unknown id never shows another test point in its place: the page stops below the
+    # navigation (the picker, Prev / Next and the clear button say what to do).
+    current = wanted if wanted in tindex else (ids[0] if ids and not unknown else None)
 
     descriptions = session.test_descriptions(run.run_id, run)
     st.session_state["nav_pick"] = current if current in ids else None
@@ -90,27 +96,28 @@ with st.container(border=True):
               on_click=_set_test, args=(ids[pos + 1] if 0 <= pos < len(ids) - 1 else "",))
 
 if current is None:
-    st.info("No test point matches the navigation filters.")
+    if not unknown:
+        st.info("No test point matches the navigation filters.")
     st.stop()
 
 row = tindex[current]
 point = run.test_points.iloc[row]
 
 # --- the test point and the map -----------------------------------------------------------
-flagged_ids = store.flagged_ids(run.run_id)
+flagged_ids = guarded_read(store.flagged_ids, run.run_id)
 frame = score_frame(session.examples(run.run_id, run), run.scores, row, flagged_ids)
 on_map = apply_filters(frame, spec.replace(top_k=None))  # filters without top-k and selection
 
 left, right = st.columns([2, 3])
 with left:
     ok = bool(point["correct"])
-    st.subheader(f"Test point `{current}` "
+    st.subheader(f"Test point {md_code(current)} "
                  + (":green-badge[:material/check: correct]" if ok
                     else ":red-badge[:material/close: misclassified]"))
     show_payload(run, run.test_points, row, width=150)
     true_name = label_name(ft_names, int(point["label"]))
     pred_name = label_name(ft_names, int(point["pred"]))
-    st.markdown(f"**True:** {true_name} · **Predicted:** {pred_name} · "
+    st.markdown(f"**True:** {md_escape(true_name)} · **Predicted:** {md_escape(pred_name)} · "
                 f"**loss** {float(point['loss']):.4f}"
                 + (f" · **confidence** {float(point['confidence']):.3f}"
                    if "confidence" in point else ""))
@@ -135,7 +142,8 @@ with right:
     test_xy = tuple(float(v) for v in run.test_xy[row])
     shown = (f"{len(sample):,} of {len(on_map):,} (the {MAP_TOP:,} largest |score| + a random "
              "sample)" if len(sample) < len(on_map) else f"all {len(on_map):,}")
-    st.markdown(f"**Map: influence on `{current}`** · {shown} examples passing the filters · "
+    st.markdown(f"**Map: influence on {md_code(current)}** · {shown} examples passing the "
+                "filters · "
                 "box / lasso select to filter the tables")
     event = st.plotly_chart(
         influence_map(sample, run.pretrain_xy, test_xy, current),
@@ -150,7 +158,7 @@ with right:
 
 # --- ranked tables with flagging ------------------------------------------------------------
 view = apply_filters(frame, spec)
-st.markdown(f"**{len(view):,} examples shown** · {describe(spec, pre_names)}")
+st.markdown(f"**{len(view):,} examples shown** · {md_escape(describe(spec, pre_names), 1000)}")
 reason_inputs()
 extra = [c for c in frame.columns if c not in ("row", "example_id", "label", "label_name",
                                                "text", "flagged", "dominant_term") + SCORES]
