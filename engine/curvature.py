@@ -22,7 +22,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from engine.task import TwoStageTask
-from engine.training import TwoStageFit
+from engine.training import StageFit, TwoStageFit
 
 # (params, x_batch, y_batch) -> sum of per-example losses over the batch (no regularizer).
 BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,6 +43,9 @@ class Curvature:
     y: torch.Tensor
     reg_diag: torch.Tensor
     batch_size: int = 1024
+    # Eigendecomposition (ascending) of this exact matrix, when training already built it at
+    # this very point (see :func:`_trained_eigen`); the exact solver then reuses it.
+    eigen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -90,7 +93,21 @@ class Curvature:
         return 0.5 * (mat + mat.T)  # symmetrize away floating-point asymmetry
 
 
-def pretrain_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 1024) -> Curvature:
+def _trained_eigen(task: TwoStageTask, stage: StageFit | None, point: torch.Tensor,
+                   reuse: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The training stage's final dense Hessian, if asked for (``reuse``: the task still holds
+    the data it was trained on) and if it is this operator's matrix: same variables (every
+    backbone parameter tracked) and built at exactly ``point``.  Each stage's training objective
+    is the matrix's objective (losses + the same regularizers)."""
+    cur = None if stage is None or not reuse else stage.curvature
+    if (cur is None or task.u_layout.numel != task.backbone_layout.numel
+            or cur.point.shape != point.shape or not torch.equal(cur.point, point)):
+        return None
+    return cur.evals, cur.evecs
+
+
+def pretrain_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 1024,
+                     reuse_training: bool = False) -> Curvature:
     """H: Hessian of L_pre w.r.t. the tracked backbone and the pretraining head at (U*, W*)."""
     base = fit.backbone_pre
     nu = task.u_layout.numel
@@ -102,11 +119,12 @@ def pretrain_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 102
     point = torch.cat([task.tracked(base), fit.w])
     reg = torch.full_like(point, task.pretrain_weight_decay)
     x, y = task.pretrain_data
-    return Curvature("pretraining Hessian H", batch_loss, point, x, y, reg, batch_size)
+    return Curvature("pretraining Hessian H", batch_loss, point, x, y, reg, batch_size,
+                     _trained_eigen(task, fit.pretrain, point, reuse_training))
 
 
-def finetune_head_hessian(task: TwoStageTask, fit: TwoStageFit,
-                          batch_size: int = 1024) -> Curvature:
+def finetune_head_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 1024,
+                          reuse_training: bool = False) -> Curvature:
     """A_TT: Hessian of L_ft w.r.t. the finetuning head at (T^, U*) (fixed scenario)."""
     base = fit.backbone_ft
 
@@ -115,11 +133,12 @@ def finetune_head_hessian(task: TwoStageTask, fit: TwoStageFit,
 
     reg = torch.full_like(fit.t, task.finetune_weight_decay)
     x, y = task.finetune_data
-    return Curvature("finetuning head Hessian A_TT", batch_loss, fit.t, x, y, reg, batch_size)
+    return Curvature("finetuning head Hessian A_TT", batch_loss, fit.t, x, y, reg, batch_size,
+                     _trained_eigen(task, fit.finetune, fit.t, reuse_training))
 
 
-def finetune_joint_hessian(task: TwoStageTask, fit: TwoStageFit,
-                           batch_size: int = 1024) -> Curvature:
+def finetune_joint_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 1024,
+                           reuse_training: bool = False) -> Curvature:
     """B = d2 L_ft / d(T,U)2 + alpha diag(0, I) at (T^, U^) (updated scenario)."""
     base = fit.backbone_ft
     nt = task.t_layout.numel
@@ -133,7 +152,8 @@ def finetune_joint_hessian(task: TwoStageTask, fit: TwoStageFit,
     reg = torch.cat([torch.full_like(fit.t, task.finetune_weight_decay),
                      torch.full_like(u, task.alpha)])
     x, y = task.finetune_data
-    return Curvature("finetuning joint Hessian B", batch_loss, point, x, y, reg, batch_size)
+    return Curvature("finetuning joint Hessian B", batch_loss, point, x, y, reg, batch_size,
+                     _trained_eigen(task, fit.finetune, point, reuse_training))
 
 
 def finetune_cross_matvec(task: TwoStageTask, fit: TwoStageFit, V: torch.Tensor,

@@ -265,7 +265,7 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
         pretrain_damping=cfg.pretrain.damping, finetune_damping=cfg.finetune.damping,
         pretrain_solver=make_solver(inf.solver), finetune_solver=make_solver(inf.solver),
         batch_size=inf.batch_size, scoring_method=inf.scoring_method,
-        direction_rank=inf.direction_rank)
+        direction_rank=inf.direction_rank, reuse_training_curvature=True)
     rank = f", directions of rank {inf.direction_rank}" if inf.direction_rank else ""
     echo(f"scoring {len(rows)} test points x {len(pre_x)} pretraining examples "
          f"(solver {inf.solver}{rank})")

@@ -61,6 +61,10 @@ class InfluenceArguments:
     finetune_solver: Solver = field(default_factory=ExactSolver)
     batch_size: int = 512
     curvature_batch_size: int = 1024
+    # Reuse the dense Hessians training built at the trained point (the exact solver then skips
+    # building them again).  Only valid when the task's data and objectives are those the fit
+    # was trained on, as in ``python -m engine run``.
+    reuse_training_curvature: bool = False
     scoring_method: str = "auto"
     direction_rank: int | None = None   # rank-r directions (layerwise): faster, approximate
 
@@ -120,12 +124,14 @@ def influence_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Ten
     gt, gu = test_gradients(task, fit, x_test, y_test)
     k, nt = gt.shape[1], gt.shape[0]
     if task.scenario == "fixed":
-        a_tt = finetune_head_hessian(task, fit, args.curvature_batch_size)
+        a_tt = finetune_head_hessian(task, fit, args.curvature_batch_size,
+                                     args.reuse_training_curvature)
         solved = args.finetune_solver.solve(a_tt, gt, args.finetune_damping)
         s_pre = gu
         s_ft = -finetune_cross_matvec(task, fit, solved, args.curvature_batch_size)
     else:
-        b = finetune_joint_hessian(task, fit, args.curvature_batch_size)
+        b = finetune_joint_hessian(task, fit, args.curvature_batch_size,
+                                   args.reuse_training_curvature)
         rhs = torch.cat([
             torch.cat([torch.zeros_like(gt), gu], 0),   # [0; grad_U g]
             torch.cat([gt, torch.zeros_like(gu)], 0),   # [grad_T g; 0]
@@ -136,7 +142,7 @@ def influence_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Ten
     timings["finetune_solve"] = timings.get("finetune_solve", 0.0) + time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    h = pretrain_hessian(task, fit, args.curvature_batch_size)
+    h = pretrain_hessian(task, fit, args.curvature_batch_size, args.reuse_training_curvature)
     nw = task.w_layout.numel
     s = torch.cat([s_pre, s_ft], 1)
     rhs = torch.cat([s, torch.zeros(nw, 2 * k, dtype=s.dtype)], 0)

@@ -51,12 +51,15 @@ class ExactSolver:
             raise ValueError(
                 f"{op.name} has {op.dim} parameters, above the exact solver's limit "
                 f"{self.max_dim}; use solver 'cg' or 'lissa'")
-        mat = op.dense()
-        damped = mat + damping * torch.eye(op.dim, dtype=mat.dtype)  # a new matrix
-        evals, evecs = torch.linalg.eigh(damped)
+        if op.eigen is not None:   # built by training at this point: same vectors, shifted
+            evals, evecs = op.eigen[0] + damping, op.eigen[1]
+        else:
+            mat = op.dense()
+            damped = mat + damping * torch.eye(op.dim, dtype=mat.dtype)  # a new matrix
+            evals, evecs = torch.linalg.eigh(damped)
         lo = evals[0].item()
         # Eigenvalues at round-off level of the largest one count as non-positive too.
-        floor = 1e-12 * max(abs(evals[-1].item()), 1.0) if damped.dtype == torch.float64 else \
+        floor = 1e-12 * max(abs(evals[-1].item()), 1.0) if evals.dtype == torch.float64 else \
             1e-6 * max(abs(evals[-1].item()), 1.0)
         if lo <= floor:
             raise NotPositiveDefiniteError(
@@ -65,7 +68,8 @@ class ExactSolver:
                 "(more iterations, more weight decay).")
         self._cache = {k: v for k, v in self._cache.items() if k[0] == id(op)} | {
             key: (evals, evecs)}
-        self.last_info = {"min_eigenvalue": lo, "max_eigenvalue": evals[-1].item()}
+        self.last_info = {"min_eigenvalue": lo, "max_eigenvalue": evals[-1].item(),
+                          "matrix": "from training" if op.eigen is not None else "built"}
         return evals, evecs
 
     def solve(self, op: Curvature, rhs: torch.Tensor, damping: float = 0.0) -> torch.Tensor:

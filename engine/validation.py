@@ -60,7 +60,14 @@ from engine.pipeline import task_from_run
 from engine.progress import Progress
 from engine.scores import per_example_gradients, test_gradients
 from engine.task import TwoStageTask
-from engine.training import NotConvergedWarning, TrainingError, TwoStageFit, fit_two_stage
+from engine.training import (
+    NotConvergedWarning,
+    StageFit,
+    TrainingError,
+    TwoStageFit,
+    fit_two_stage,
+)
+from engine.trust_region import DenseCurvature, NewtonSettings
 
 VALIDATION_DIR = "validation"
 NOISE_FILE = "corrupted_ids.txt"
@@ -118,12 +125,33 @@ class ValidationSettings:
 _WORKER: dict[str, Any] = {}
 
 
-def _fit_to_arrays(fit: TwoStageFit) -> dict[str, np.ndarray]:
-    return {k: getattr(fit, k).detach().numpy().copy() for k in FIT_KEYS}
+# Retrains start at the reference minimum and reuse its Hessians (chord steps: no L-BFGS, no
+# new Hessian); their curvature is the reference's, reported as such, not rebuilt per retrain.
+# A retrain that drifts onto a saddle (large group removals) gets a bounded number of Hessians
+# per round; what stays unconverged is reported, as before.
+RETRAIN_NEWTON = NewtonSettings(certify=False, max_steps=200, max_hessians=3)
+
+
+def _fit_to_arrays(fit: TwoStageFit, curvature: bool = False) -> dict[str, np.ndarray]:
+    out = {k: getattr(fit, k).detach().numpy().copy() for k in FIT_KEYS}
+    for name in ("pretrain", "finetune") if curvature else ():
+        stage = getattr(fit, name)
+        if stage is not None and stage.curvature is not None:
+            cur = stage.curvature
+            out.update({f"{name}_evals": cur.evals.numpy(), f"{name}_evecs": cur.evecs.numpy(),
+                        f"{name}_point": cur.point.numpy()})
+    return out
 
 
 def _arrays_to_fit(arrays: dict[str, np.ndarray], dtype: torch.dtype) -> TwoStageFit:
-    return TwoStageFit(*(torch.as_tensor(arrays[k], dtype=dtype) for k in FIT_KEYS))
+    fit = TwoStageFit(*(torch.as_tensor(arrays[k], dtype=dtype) for k in FIT_KEYS))
+    for name in ("pretrain", "finetune"):
+        if f"{name}_evals" in arrays:
+            cur = DenseCurvature(*(torch.as_tensor(arrays[f"{name}_{k}"], dtype=dtype)
+                                   for k in ("evals", "evecs", "point")))
+            setattr(fit, name, StageFit(cur.point, math.nan, math.nan, 0, math.nan, 0.0,
+                                        curvature=cur))
+    return fit
 
 
 def _init_worker(run_path: str, reference: dict[str, np.ndarray], tolerance: float,
@@ -155,14 +183,15 @@ def _retrain(removed: tuple[int, ...]) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotConvergedWarning)
             # Large removals (groups) can need more than one round: each round continues from
-            # the previous one's result with twice the L-BFGS iterations (then the trainer's
-            # Newton polish); near a saddle the Newton polish stalls and only L-BFGS progresses.
+            # the previous one's result with twice the L-BFGS iterations and the trainer's
+            # trust-region Newton phase, which reuses the reference Hessian while it helps.
             rounds = 0
             while rounds < _WORKER["max_rounds"]:
                 rounds += 1
                 limit = max_iter * 2 ** (rounds - 1)
                 fit = fit_two_stage(task, tolerance=(tol, tol), max_iter=(limit, limit),
-                                    sample_weights=weights, warm_start=fit)
+                                    sample_weights=weights, warm_start=fit,
+                                    newton=RETRAIN_NEWTON)
                 if max(fit.pretrain.final_grad_norm, fit.finetune.final_grad_norm) <= tol:
                     break
     except TrainingError as exc:
@@ -194,7 +223,7 @@ def run_retrains(jobs: Sequence[tuple[int, ...]], run_path: Path, task: TwoStage
         return results  # type: ignore[return-value]
     ex = cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-        initargs=(str(run_path), _fit_to_arrays(reference), settings.tolerance,
+        initargs=(str(run_path), _fit_to_arrays(reference, curvature=True), settings.tolerance,
                   settings.max_iter, settings.max_rounds))
     try:
         futures = {ex.submit(_retrain, job): i for i, job in enumerate(jobs)}

@@ -12,7 +12,7 @@ import pytest
 
 from engine import artifacts
 from engine.cli import main as cli_main
-from engine.pipeline import RunInputError, run
+from engine.pipeline import run
 from tests.conftest import ROOT
 
 DIGITS = ROOT / "sample_data" / "digits"
@@ -77,7 +77,7 @@ def test_unknown_excluded_id_is_an_error(small_config, tmp_path, capsys):
 
 
 def test_existing_output_is_not_overwritten_without_flag(small_config, small_run):
-    with pytest.raises(RunInputError, match="already exists"):
+    with pytest.raises(artifacts.RunError, match="already exists"):
         run(small_config, small_run, echo=lambda s: None)
 
 

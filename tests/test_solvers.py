@@ -8,7 +8,7 @@ from torch.func import hessian
 
 from engine.curvature import finetune_joint_hessian, pretrain_hessian
 from engine.solvers import CGSolver, ExactSolver, LissaSolver, NotPositiveDefiniteError
-from engine.training import fit_two_stage
+from engine.training import TwoStageFit, fit_two_stage
 from tests.conftest import mlp_task
 
 
@@ -87,6 +87,22 @@ def test_exact_factorization_is_reused_and_damping_never_stored(fitted):
     assert not torch.allclose(a, b)
     # The operator itself is unchanged: its matrix has no damping added.
     torch.testing.assert_close(original(), reference_hessian(task, fit), rtol=1e-10, atol=1e-12)
+
+
+def test_exact_solver_reuses_the_hessian_training_built_at_the_same_point(fitted):
+    task, fit = fitted
+    assert fit.pretrain.curvature is not None
+    assert pretrain_hessian(task, fit).eigen is None   # reuse is opt-in
+    op = pretrain_hessian(task, fit, reuse_training=True)
+    assert op.eigen is not None                        # built by training at (U*, W*)
+    rhs = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reused = ExactSolver().solve(op, rhs, 0.05)
+    op.eigen = None
+    built = ExactSolver().solve(op, rhs, 0.05)
+    torch.testing.assert_close(reused, built, rtol=1e-9, atol=1e-12)
+    # A fit whose point differs from where training built it gets no reuse.
+    moved = TwoStageFit(fit.backbone_pre + 1e-3, fit.w, fit.backbone_ft, fit.t, fit.pretrain)
+    assert pretrain_hessian(task, moved, reuse_training=True).eigen is None
 
 
 def indefinite_task():
