@@ -80,14 +80,11 @@ test-deps: $(TEST_STAMP) chromium
 
 # --- sample run and dashboard -----------------------------------------------------------
 
-# Built only when the manifest is missing (the engine writes it last, atomically).  A
-# runs/digits folder without a manifest is not a valid run, so it is replaced.
+# Built only when the manifest is missing (the engine swaps a run into place complete, so a
+# missing manifest means no run).  Nothing is deleted here: an existing runs/digits is handed
+# to --overwrite, which replaces only an empty directory or a run and refuses anything else.
 $(SAMPLE_MANIFEST): | $(STAMP)
-	@if [ -e $(SAMPLE_RUN) ]; then \
-		echo "$(SAMPLE_RUN) has no manifest.json: removing the incomplete run"; \
-		rm -rf $(SAMPLE_RUN); \
-	fi
-	$(PY) -m engine run $(SAMPLE_CONFIG) --out $(SAMPLE_RUN)
+	$(PY) -m engine run $(SAMPLE_CONFIG) --out $(SAMPLE_RUN) $$([ -e $(SAMPLE_RUN) ] && echo --overwrite)
 
 sample-run: $(SAMPLE_MANIFEST)
 
@@ -105,7 +102,7 @@ lint: $(TEST_STAMP)
 
 # pytest exit code 5 ("no tests collected") is a failure like any other non-zero code.
 define run_pytest
-	@status=0; $(PY) -m pytest -q $(1) || status=$$?; \
+	@status=0; $(PY) -m pytest -q --durations=15 $(1) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; \
 	exit $$status
 endef

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the engine package, when run as a script
 CONFIG = ROOT / "sample_data" / "digits" / "config.toml"
 
 

@@ -138,8 +138,8 @@ def stage_rows(run: Run) -> pd.DataFrame:
         if not isinstance(info, Mapping):
             continue
         row: dict[str, Any] = {"stage": name}
-        for key in ("solver", "damping", "converged", "final_grad_norm", "tolerance",
-                    "iterations", "weight_decay"):
+        for key in ("solver", "damping", "converged", "status", "final_grad_norm", "tolerance",
+                    "min_eigenvalue", "curvature_check", "iterations", "weight_decay"):
             row[key] = info.get(key)
         row.update({k: v for k, v in info.items()
                     if k not in row and isinstance(v, (int, float, str, bool))})

@@ -30,11 +30,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from benchmarks.make_synthetic_run import make_synthetic_run
 from dashboard.flags import FlagStore
 from engine.artifacts import RunError, load_run, write_run
+from tests.apptest_pages import open_page, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboard" / "app.py")
@@ -72,20 +72,6 @@ def snapshot(root: Path) -> dict[str, str]:
             if p.is_file() and not p.name.startswith("flags.sqlite")}
 
 
-def new_app() -> AppTest:
-    return AppTest.from_file(APP, default_timeout=60)
-
-
-def open_page(page: str | None = None, query: dict[str, str] | None = None) -> AppTest:
-    at = new_app()
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    at.run()
-    assert not at.exception, at.exception
-    if page and page != OVERVIEW:
-        at.switch_page(page).run()
-        assert not at.exception, at.exception
-    return at
 
 
 def texts(elements) -> str:
@@ -610,10 +596,4 @@ def test_bare_streamlit_run_listens_on_loopback_only(tmp_path):
                 s.settimeout(3)
                 s.connect((other, port))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group of the process started above
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_group(proc)

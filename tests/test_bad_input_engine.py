@@ -291,34 +291,40 @@ def _interrupt(cfg: Path, out: Path, point: str, sig: int, overwrite: bool
                                        "".join(lines) + err_rest)
 
 
+# Every point with and without --overwrite, and every (point, signal) pair once across the two.
+INTERRUPTS = {False: [("training", signal.SIGINT), ("scoring", signal.SIGTERM),
+                      ("writing", signal.SIGINT), ("swap", signal.SIGTERM)],
+              True: [("training", signal.SIGTERM), ("scoring", signal.SIGINT),
+                     ("writing", signal.SIGTERM), ("swap", signal.SIGINT)]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_interrupts_leave_the_old_or_the_new_run(cfg_dir, a_run, tmp_path, overwrite):
     cfg = cfg_dir / "config.toml"
-    for point in ("training", "scoring", "writing", "swap"):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            out = tmp_path / f"{point}-{sig.name}"
+    for point, sig in INTERRUPTS[overwrite]:
+        out = tmp_path / f"{point}-{sig.name}"
+        if overwrite:
+            shutil.copytree(a_run, out)
+        before = snapshot(out) if overwrite else {}
+        proc = _interrupt(cfg, out, point, sig, overwrite)
+        text = proc.stdout + proc.stderr
+        assert "Traceback" not in text, text
+        assert [ln for ln in proc.stderr.splitlines() if ln.startswith("interrupted")], text
+        if point == "swap":
+            # Signals are deferred inside the swap: the new run is complete.
+            assert "the run was written completely" in proc.stderr
+            assert artifacts.load_run(out).run_id
             if overwrite:
-                shutil.copytree(a_run, out)
-            before = snapshot(out) if overwrite else {}
-            proc = _interrupt(cfg, out, point, sig, overwrite)
-            text = proc.stdout + proc.stderr
-            assert "Traceback" not in text, text
-            assert [ln for ln in proc.stderr.splitlines() if ln.startswith("interrupted")], text
-            if point == "swap":
-                # Signals are deferred inside the swap: the new run is complete.
-                assert "the run was written completely" in proc.stderr
-                assert artifacts.load_run(out).run_id
-                if overwrite:
-                    assert snapshot(out) != before
+                assert snapshot(out) != before
+        else:
+            assert proc.returncode == 130 and "nothing was written" in proc.stderr
+            if overwrite:
+                assert snapshot(out) == before
             else:
-                assert proc.returncode == 130 and "nothing was written" in proc.stderr
-                if overwrite:
-                    assert snapshot(out) == before
-                else:
-                    assert not out.exists()
-            assert engine("verify", out).returncode == (0 if out.exists() else 2)
-            assert not list(tmp_path.glob(".*partial-*")) and not list(tmp_path.glob(".*old-*"))
+                assert not out.exists()
+        assert engine("verify", out).returncode == (0 if out.exists() else 2)
+        assert not list(tmp_path.glob(".*partial-*")) and not list(tmp_path.glob(".*old-*"))
 
 
 def test_leftovers_of_a_killed_run_are_repaired_on_the_next_start(cfg_dir, a_run, tmp_path):

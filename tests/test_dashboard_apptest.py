@@ -19,6 +19,7 @@ from benchmarks.make_synthetic_run import make_synthetic_run
 from dashboard.convention import SCORE_CONVENTION
 from dashboard.flags import FlagStore
 from engine.artifacts import load_run
+from tests.apptest_pages import open_page
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 TEST_PAGE = "views/test_point.py"
@@ -60,21 +61,6 @@ def run(runs_dir):
     return load_run(runs_dir / "digits", verify_hashes=False)
 
 
-def new_app() -> AppTest:
-    return AppTest.from_file(APP, default_timeout=60)
-
-
-def open_page(page: str | None = None, query: dict[str, str] | None = None) -> AppTest:
-    """A fresh session, optionally deep-linked with query parameters, on ``page``."""
-    at = new_app()
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    at.run()
-    assert not at.exception, at.exception
-    if page:
-        at.switch_page(page).run()
-    assert not at.exception, at.exception
-    return at
 
 
 def texts(elements) -> str:

@@ -56,11 +56,14 @@ if manifest.get("approximation"):
 for stage in unconverged_stages(run):
     info = manifest_mapping(run, "stages").get(stage)
     info = info if isinstance(info, dict) else {}
+    where = ("it stopped at a saddle point, not a minimum (lowest Hessian eigenvalue "
+             f"{md_escape(info.get('min_eigenvalue', '?'))})"
+             if info.get("status") == "saddle" else "its influence scores are less reliable")
     st.warning(
         f"**The {md_escape(stage)} stage did not converge** (final gradient norm "
         f"{md_escape(info.get('final_grad_norm', '?'))}, tolerance "
         f"{md_escape(info.get('tolerance', '?'))}, {md_escape(info.get('iterations', '?'))} "
-        "iterations): its influence scores are less reliable.",
+        f"iterations): {where}.",
         icon=":material/warning:")
 
 left, right = st.columns([3, 2])
