@@ -129,7 +129,7 @@ _WORKER: dict[str, Any] = {}
 # new Hessian); their curvature is the reference's, reported as such, not rebuilt per retrain.
 # A retrain that drifts onto a saddle (large group removals) gets a bounded number of Hessians
 # per round; what stays unconverged is reported, as before.
-RETRAIN_NEWTON = NewtonSettings(certify=False, max_steps=200, max_hessians=3)
+RETRAIN_NEWTON = NewtonSettings(certify=False, max_steps=200, max_hessians=1)
 
 
 def _fit_to_arrays(fit: TwoStageFit, curvature: bool = False) -> dict[str, np.ndarray]:
