@@ -398,28 +398,27 @@ NASTY_IDS = ["a`b", "``x``", "`", "*bold* _it_", "[link](http://example.com)",
              "99999999999999999999"]
 
 
+def _error_for_id(at, key: str, value: str) -> str:
+    """Set an unknown id, rerun, and check it is shown literally in one error; return it."""
+    at.session_state[key] = value
+    at.run()
+    assert not at.exception, value
+    (error,) = [e.value for e in at.error]
+    assert value.replace("\n", "⏎") in code_spans(error), (value, error)
+    assert "\n" not in error and not unescaped(error), (value, error)
+    return error
+
+
 def test_markdown_in_url_ids_is_shown_literally(runs):
     before = snapshot(runs)
     at = open_page(TEST_PAGE)
     for value in NASTY_IDS:
-        at.session_state["test_id"] = value
-        at.run()
-        assert not at.exception, value
-        (error,) = [e.value for e in at.error]
-        assert value.replace("\n", "⏎") in code_spans(error), (value, error)
-        assert "\n" not in error and not unescaped(error), (value, error)
-        assert "Pick one below" in error
+        assert "Pick one below" in _error_for_id(at, "test_id", value)
         # No other test point is shown in its place.
         assert not [h for h in at.subheader if h.value.startswith("Test point")]
     at.switch_page(EXAMPLE_PAGE).run()
     for value in NASTY_IDS:
-        at.session_state["example_id"] = value
-        at.run()
-        assert not at.exception, value
-        (error,) = [e.value for e in at.error]
-        assert value.replace("\n", "⏎") in code_spans(error), (value, error)
-        assert "\n" not in error and not unescaped(error), (value, error)
-        assert "pick one below" in error
+        assert "pick one below" in _error_for_id(at, "example_id", value)
     at.session_state["example_id"] = "x" * 100_000
     at.run()
     assert not at.exception and len(at.error[0].value) < 2_000
