@@ -61,15 +61,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine import solvers as engine_solvers  # noqa: E402
+from engine import curvature as engine_solvers  # noqa: E402
 from engine.config import SCORING_METHODS  # noqa: E402
+from engine.curvature import CGSolver, ExactSolver  # noqa: E402
 from engine.scores import (  # noqa: E402
     Directions,
     InfluenceArguments,
     influence_directions,
     score_pretraining,
 )
-from engine.solvers import CGSolver, ExactSolver  # noqa: E402
 from engine.task import TwoStageTask  # noqa: E402
 from engine.training import (  # noqa: E402
     TwoStageFit,

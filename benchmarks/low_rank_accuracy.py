@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from engine_bench import accuracy_vs_exact  # noqa: E402
 
 from engine import artifacts  # noqa: E402
+from engine.curvature import make_solver  # noqa: E402
 from engine.pipeline import task_from_run  # noqa: E402
 from engine.scores import InfluenceArguments, influence_directions, score_pretraining  # noqa: E402
-from engine.solvers import make_solver  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

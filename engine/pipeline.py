@@ -23,13 +23,13 @@ import torch
 
 from engine import artifacts
 from engine.config import RunConfig, load_config
+from engine.curvature import make_solver
 from engine.data import Table, load_run_data
 from engine.maps import map_coordinates
 from engine.models import build_model
 from engine.pause_points import pause_point
 from engine.progress import Progress, TrainingProgress
 from engine.scores import InfluenceArguments, compute_scores
-from engine.solvers import make_solver
 from engine.task import TwoStageTask
 from engine.training import NotConvergedWarning, TwoStageFit, fit_two_stage
 

@@ -30,6 +30,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from engine.config import SCORING_METHODS
 from engine.convention import SCORE_CONVENTION
 from engine.curvature import (
+    ExactSolver,
+    Solver,
     finetune_cross_matvec,
     finetune_head_hessian,
     finetune_joint_hessian,
@@ -40,7 +42,6 @@ from engine.linear_contraction import (
     find_linear_tensors,
     matches_reference,
 )
-from engine.solvers import ExactSolver, Solver
 from engine.task import TwoStageTask
 from engine.training import TwoStageFit
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.curvature import NonFiniteCurvatureError
+from engine.curvature import CGSolver, NonFiniteCurvatureError
 from engine.scores import (
     InfluenceArguments,
     ScoringError,
@@ -15,7 +15,6 @@ from engine.scores import (
     per_example_gradients,
     score_pretraining,
 )
-from engine.solvers import CGSolver
 from engine.task import TaskError, TwoStageTask
 from engine.training import TrainingError, fit_two_stage
 from tests.conftest import mlp_task
@@ -36,8 +35,7 @@ def test_total_is_sum_of_terms_and_of_one_combined_solve(fitted):
                                rtol=0, atol=1e-10)
     # Independently: one solve with s = s_pre + s_ft gives the same totals.
     d = influence_directions(task, fit, xt, yt, InfluenceArguments())
-    from engine.curvature import pretrain_hessian
-    from engine.solvers import ExactSolver
+    from engine.curvature import ExactSolver, pretrain_hessian
     h = pretrain_hessian(task, fit)
     s = d.s_pre + d.s_ft
     r = ExactSolver().solve(h, torch.cat([s, torch.zeros(task.w_layout.numel, s.shape[1],

@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch.func import hessian
 
-from engine.curvature import finetune_joint_hessian, pretrain_hessian
-from engine.solvers import CGSolver, ExactSolver, LissaSolver, NotPositiveDefiniteError
+from engine.curvature import (
+    CGSolver,
+    ExactSolver,
+    LissaSolver,
+    NotPositiveDefiniteError,
+    finetune_joint_hessian,
+    pretrain_hessian,
+)
 from engine.training import TwoStageFit, fit_two_stage
 from tests.conftest import mlp_task
 

@@ -1,4 +1,4 @@
-"""Curvature operators of both stages as Hessian-vector products (``torch.func`` jvp of grad).
+"""Curvature operators of both stages as Hessian-vector products (``torch.func``).
 
 Each operator is symmetric and acts on flat parameter vectors; many right-hand sides are applied
 in one pass over the data (``vmap`` over the columns).  Damping is never stored here: solvers add
@@ -21,15 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from engine.curvature.errors import NonFiniteCurvatureError
 from engine.task import TwoStageTask
 from engine.training import StageFit, TwoStageFit
 
 # (params, x_batch, y_batch) -> sum of per-example losses over the batch (no regularizer).
 BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class NonFiniteCurvatureError(ValueError):
-    """A Hessian-vector product came out NaN or infinite."""
 
 
 @dataclass
