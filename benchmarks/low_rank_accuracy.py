@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = np.array([position[t] for t in run.test_points.test_id])
     x_test = torch.as_tensor(test.X[rows], dtype=task.dtype)
     y_test = torch.as_tensor(test.y[rows])
-    solver = m["config"]["influence"]["solver"]
+    solver = m["config"]["pretrain"].get("solver", m["config"]["influence"]["solver"])
     args = InfluenceArguments(pretrain_damping=m["stages"]["pretrain"]["damping"],
                               finetune_damping=m["stages"]["finetune"]["damping"],
                               pretrain_solver=make_solver(solver),

@@ -23,7 +23,15 @@ RENDERS = ("image", "text", "none")
 # Smooth activations only: influence functions need second derivatives of the loss.
 ACTIVATIONS = ("tanh", "softplus", "gelu", "sigmoid")
 SCENARIOS = ("fixed", "updated")
-SOLVERS = ("exact", "cg", "lissa")
+ARCHITECTURES = ("mlp", "cnn")
+# Stage trainers: "newton" = full-batch L-BFGS, then trust-region Newton to a certified minimum;
+# "adam", "sgd" = minibatch epochs (a fixed budget, no certified minimum).
+OPTIMIZERS = ("newton", "adam", "sgd")
+MINIBATCH_KEYS = ("epochs", "batch_size", "learning_rate", "momentum")
+CNN_KEYS = ("channels", "kernel_size", "pool")
+SOLVERS = ("exact", "cg", "lissa", "ekfac", "ekfac+cg")
+FISHER_TYPES = ("true", "empirical", "expected")
+CURVATURE_TYPES = ("hessian", "gauss_newton")
 SCORING_METHODS = ("auto", "layerwise", "jvp", "gradients")
 MEASUREMENTS = ("loss", "margin", "log_prob")
 TEST_POINT_MODES = ("all", "misclassified")
@@ -59,10 +67,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``[model]``: MLP backbone; its output is the last hidden layer."""
+    """``[model]``: MLP or CNN backbone; its output is the last hidden (fully connected) layer.
 
+    ``cnn``: the flat features are reshaped to ``[data] image_shape``, then one convolution
+    (``kernel_size``, padding ``(kernel_size - 1) // 2``) + activation + ``pool x pool`` average
+    pooling per entry of ``channels``, then the ``hidden`` fully connected layers.
+    """
+
+    architecture: str = "mlp"
     hidden: tuple[int, ...] = (32,)
     activation: str = "tanh"
+    channels: tuple[int, ...] = (16, 32)   # cnn only
+    kernel_size: int = 5                   # cnn only
+    pool: int = 2                          # cnn only; 1 = no pooling
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,19 @@ class StageConfig:
     damping: float = 0.0
     max_iter: int = 2000
     tolerance: float = 1e-7  # gradient-norm tolerance for L-BFGS
+    # Curvature backend of this stage; when a file leaves it out, "[influence] solver" (the old
+    # key for both stages) or "exact".
+    solver: str = "exact"
+    fisher: str = "true"            # ekfac, ekfac+cg: how the Kronecker factors are fitted
+    relative_damping: float = 0.1   # ekfac, ekfac+cg: extra damping x mean EK-FAC eigenvalue
+    cg_iterations: int = 20         # ekfac+cg: preconditioned CG iterations
+    curvature: str = "hessian"      # or "gauss_newton" (PSD, an approximation)
+    # Trainer: "newton" (max_iter, tolerance) or minibatch "adam" / "sgd" (the keys below).
+    optimizer: str = "newton"
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 1e-3     # default 1e-3 for adam, 1e-2 for sgd
+    momentum: float = 0.9           # sgd only
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,8 @@ class InfluenceConfig:
     tracked_backbone: str | tuple[str, ...] = "all"  # "all" or backbone parameter names
     scoring_method: str = "auto"
     direction_rank: int | None = None  # None: exact scores; r >= 1: rank-r approximation
+    curvature_batch_size: int = 1024   # examples per Hessian-vector product batch (at most)
+    memory_budget_gb: float = 4.0      # GiB per batched curvature / scoring intermediate
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,9 @@ class RunConfig:
             changes["alpha"] = r.check_float("alpha", alpha, low=0.0, strict=True)
         if not changes:
             return self
+        if changes.get("scenario") == "updated" and self.finetune.solver == "ekfac":
+            r.fail("scenario", "updated", "needs [finetune] solver 'ekfac+cg', 'cg' or 'exact': "
+                   "a block-diagonal EK-FAC of B zeros the finetuned-model term")
         return dataclasses.replace(self, finetune=dataclasses.replace(self.finetune, **changes))
 
 
@@ -183,17 +218,21 @@ def load_config(path: str | Path) -> RunConfig:
         tables[sec] = _Reader(name, sec, value)
 
     base = path.resolve().parent
-    return RunConfig(
+    # "[influence] solver" (the old single key) is the default of both stages' "solver".
+    influence = _influence(tables["influence"])
+    cfg = RunConfig(
         seed=top.get_int("seed", 0, low=0),
         dtype=top.get_choice("dtype", "float64", DTYPES),
         data=_data(tables["data"], base),
         model=_model(tables["model"]),
-        pretrain=_stage(tables["pretrain"], StageConfig()),
-        finetune=_finetune(tables["finetune"]),
-        influence=_influence(tables["influence"]),
+        pretrain=_stage(tables["pretrain"], StageConfig(), influence.solver),
+        finetune=_finetune(tables["finetune"], influence.solver),
+        influence=influence,
         map=_map(tables["map"]),
         path=path.resolve(),
     )
+    _check_model_fits(name, cfg)
+    return cfg
 
 
 # --- sections --------------------------------------------------------------------------------
@@ -252,35 +291,95 @@ def _data(r: _Reader, base: Path) -> DataConfig:
 def _model(r: _Reader) -> ModelConfig:
     r.allow_only([f.name for f in dataclasses.fields(ModelConfig)])
     d = ModelConfig()
+    architecture = r.get_choice("architecture", d.architecture, ARCHITECTURES)
     hidden = r.get_int_list("hidden", d.hidden)
     if max(hidden) > MAX_HIDDEN:
         r.fail("hidden", hidden, f"has a layer wider than {MAX_HIDDEN} units; the built-in MLP "
                                  "is for models that fit in memory (bring your own modules "
                                  "through the Python API for larger ones)")
-    return ModelConfig(hidden=tuple(hidden), activation=r.get_choice("activation", d.activation,
-                                                                 ACTIVATIONS))
+    if architecture != "cnn":
+        for key in CNN_KEYS:
+            if key in r.table:
+                r.fail(key, r.table[key], f"only applies to architecture = 'cnn' (this model is "
+                                          f"{architecture!r}); remove it or set architecture = "
+                                          "'cnn'")
+    channels = r.get_int_list("channels", d.channels)
+    if max(channels) > MAX_HIDDEN:
+        r.fail("channels", channels, f"has a convolution wider than {MAX_HIDDEN} channels")
+    return ModelConfig(
+        architecture=architecture, hidden=tuple(hidden),
+        activation=r.get_choice("activation", d.activation, ACTIVATIONS),
+        channels=tuple(channels), kernel_size=r.get_int("kernel_size", d.kernel_size, low=1),
+        pool=r.get_int("pool", d.pool, low=1))
 
 
-def _stage_values(r: _Reader, d: StageConfig) -> dict[str, Any]:
+def _check_model_fits(file: str, cfg: RunConfig) -> None:
+    """A CNN's convolutions must leave at least a 1x1 map of the configured image."""
+    m, shape = cfg.model, cfg.data.image_shape
+    if m.architecture != "cnn":
+        return
+    from engine.models import cnn_fit_problem  # torch is imported only when a CNN is configured
+
+    problem = cnn_fit_problem(shape, m.channels, m.kernel_size, m.pool)
+    if problem:
+        raise ConfigError(
+            f"{file}: [model] channels = {list(m.channels)} with kernel_size = {m.kernel_size} "
+            f"and pool = {m.pool} does not fit [data] image_shape = {list(shape)}: {problem}; "
+            "use fewer channels entries, a smaller kernel_size or pool, or check image_shape")
+
+
+def _optimizer_values(r: _Reader, d: StageConfig) -> dict[str, Any]:
+    """The stage's trainer and, for adam / sgd, its minibatch settings."""
+    optimizer = r.get_choice("optimizer", d.optimizer, OPTIMIZERS)
+    allowed = {"newton": (), "adam": MINIBATCH_KEYS[:3], "sgd": MINIBATCH_KEYS}[optimizer]
+    for key in MINIBATCH_KEYS:
+        if key in r.table and key not in allowed:
+            needs = "optimizer = 'sgd'" if key == "momentum" else "optimizer = 'adam' or 'sgd'"
+            r.fail(key, r.table[key], f"only applies to {needs} (this stage uses "
+                                      f"{optimizer!r}); remove it or change [{r.section}] "
+                                      "optimizer")
+    return dict(
+        optimizer=optimizer,
+        epochs=r.get_int("epochs", d.epochs, low=1),
+        batch_size=r.get_int("batch_size", d.batch_size, low=1),
+        learning_rate=r.get_float("learning_rate", 1e-2 if optimizer == "sgd" else
+                                  d.learning_rate, low=0.0, strict=True),
+        momentum=r.get_float("momentum", d.momentum, low=0.0, high=0.999),
+    )
+
+
+def _stage_values(r: _Reader, d: StageConfig, default_solver: str) -> dict[str, Any]:
     return dict(
         weight_decay=r.get_float("weight_decay", d.weight_decay, low=0.0),
         damping=r.get_float("damping", d.damping, low=0.0),
         max_iter=r.get_int("max_iter", d.max_iter, low=1),
         tolerance=r.get_float("tolerance", d.tolerance, low=0.0, strict=True),
+        solver=r.get_choice("solver", default_solver, SOLVERS),
+        fisher=r.get_choice("fisher", d.fisher, FISHER_TYPES),
+        relative_damping=r.get_float("relative_damping", d.relative_damping, low=0.0),
+        cg_iterations=r.get_int("cg_iterations", d.cg_iterations, low=1),
+        curvature=r.get_choice("curvature", d.curvature, CURVATURE_TYPES),
+        **_optimizer_values(r, d),
     )
 
 
-def _stage(r: _Reader, d: StageConfig) -> StageConfig:
+def _stage(r: _Reader, d: StageConfig, default_solver: str) -> StageConfig:
     r.allow_only([f.name for f in dataclasses.fields(StageConfig)])
-    return StageConfig(**_stage_values(r, d))
+    return StageConfig(**_stage_values(r, d, default_solver))
 
 
-def _finetune(r: _Reader) -> FinetuneConfig:
+def _finetune(r: _Reader, default_solver: str) -> FinetuneConfig:
     r.allow_only([f.name for f in dataclasses.fields(FinetuneConfig)])
     d = FinetuneConfig()
+    values = _stage_values(r, d, default_solver)
+    scenario = r.get_choice("scenario", d.scenario, SCENARIOS)
+    if values["solver"] == "ekfac" and scenario == "updated":
+        r.fail("solver", "ekfac", "would block-diagonalise B across the head T and the backbone "
+               "U, which zeros the finetuned-model term in the updated scenario; use "
+               "'ekfac+cg' (CG on exact products, EK-FAC preconditioned), 'cg' or 'exact'")
     return FinetuneConfig(
-        **_stage_values(r, d),
-        scenario=r.get_choice("scenario", d.scenario, SCENARIOS),
+        **values,
+        scenario=scenario,
         # Checked even under "fixed" so switching to --scenario updated cannot hit a bad alpha.
         alpha=r.get_float("alpha", d.alpha, low=0.0, strict=True),
     )
@@ -298,6 +397,9 @@ def _influence(r: _Reader) -> InfluenceConfig:
         scoring_method=r.get_choice("scoring_method", d.scoring_method, SCORING_METHODS),
         direction_rank=(r.get_int("direction_rank", 1, low=1)
                         if "direction_rank" in r.table else None),
+        curvature_batch_size=r.get_int("curvature_batch_size", d.curvature_batch_size, low=1),
+        memory_budget_gb=r.get_float("memory_budget_gb", d.memory_budget_gb, low=0.0,
+                                     strict=True),
     )
 
 

@@ -338,6 +338,16 @@ def _ids(name: str, col: pd.Series) -> np.ndarray:
 def _features(
     name: str, df: pd.DataFrame, features: list[str], ids: np.ndarray
 ) -> np.ndarray:
+    if all(pd.api.types.is_numeric_dtype(df[c].dtype) for c in features):
+        # Fast path (e.g. 784 pixel columns x 60,000 rows): one conversion and one finiteness
+        # check for the whole block; a bad value is then reported by the column loop below,
+        # which finds the same first column and row.
+        # np.require: a C-ordered, writable array of its own, exactly as the loop below makes
+        # (pandas may hand back a read-only or column-major view of its blocks).
+        X = np.require(df[features].to_numpy(dtype=np.float64, na_value=np.nan),
+                       requirements=["C_CONTIGUOUS", "WRITEABLE", "OWNDATA"])
+        if np.isfinite(X).all():
+            return X
     X = np.empty((len(df), len(features)), dtype=np.float64)
     for j, col in enumerate(features):
         s = df[col]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import logging
+import math
 import platform
 import time
 import warnings
@@ -22,8 +23,15 @@ import pandas as pd
 import torch
 
 from engine import artifacts
-from engine.config import RunConfig, load_config
-from engine.curvature import make_solver
+from engine.config import RunConfig, StageConfig, load_config
+from engine.curvature import (
+    Solver,
+    check_curvature_batch,
+    check_stage_solver,
+    finetune_joint_hessian,
+    make_solver,
+    pretrain_hessian,
+)
 from engine.data import Table, load_run_data
 from engine.maps import map_coordinates
 from engine.models import build_model
@@ -31,7 +39,7 @@ from engine.pause_points import pause_point
 from engine.progress import Progress, TrainingProgress
 from engine.scores import InfluenceArguments, compute_scores
 from engine.task import TwoStageTask
-from engine.training import NotConvergedWarning, TwoStageFit, fit_two_stage
+from engine.training import MinibatchSettings, NotConvergedWarning, TwoStageFit, fit_two_stage
 
 log = logging.getLogger(__name__)
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -97,18 +105,28 @@ def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedDat
                     f"{table.path.name}: feature column #{col} reaches |x| = {big:.3g}; features "
                     f"beyond {FEATURE_SCALE_LIMIT:g} make training slow or overflow. Standardize "
                     "them, or set `standardize = true` in the config's [data] section")
+    if cfg.model.architecture == "cnn":
+        size, n_features = math.prod(cfg.data.image_shape), pretrain.X.shape[1]
+        if size != n_features:
+            raise RunInputError(
+                f"{pretrain.path.name}: [model] architecture = 'cnn' reshapes the features to "
+                f"[data] image_shape = {list(cfg.data.image_shape)} ({size} values), but the "
+                f"files have {n_features} feature columns; fix image_shape (or the features)")
     return PreparedData(cfg, pretrain, ft_train, ft_test, keep,
                         list(dict.fromkeys(exclude_ids)), shift, scale)
 
 
 def build_task(data: PreparedData) -> TwoStageTask:
-    """The built-in MLP two-stage task of a config (modules initialized from the seed)."""
+    """The built-in MLP or CNN two-stage task of a config (modules initialized from the seed)."""
     cfg = data.cfg
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
+    m = cfg.model
     backbone, pre_head, ft_head = build_model(
-        data.pretrain.X.shape[1], cfg.model.hidden, cfg.model.activation,
-        len(data.pretrain.classes), len(data.finetune_train.classes))
+        data.pretrain.X.shape[1], m.hidden, m.activation,
+        len(data.pretrain.classes), len(data.finetune_train.classes),
+        architecture=m.architecture, image_shape=cfg.data.image_shape, channels=m.channels,
+        kernel_size=m.kernel_size, pool=m.pool)
     for m in (backbone, pre_head, ft_head):
         m.to(dtype)
     keep = data.keep
@@ -129,21 +147,44 @@ def build_task(data: PreparedData) -> TwoStageTask:
         tracked_backbone=None if tracked == "all" else list(tracked))
 
 
+def minibatch_settings(stage: StageConfig, seed: int) -> MinibatchSettings | None:
+    """A stage's adam / sgd settings, or ``None`` for the certified (newton) trainer."""
+    if stage.optimizer == "newton":
+        return None
+    return MinibatchSettings(stage.optimizer, stage.epochs, stage.batch_size,
+                             stage.learning_rate, stage.momentum, seed)
+
+
 def train(task: TwoStageTask, cfg: RunConfig, **kwargs: Any) -> TwoStageFit:
-    """Both stages with the config's tolerances and iteration limits."""
+    """Both stages with the config's trainers, tolerances and iteration limits."""
+    kwargs.setdefault("optimizer", (minibatch_settings(cfg.pretrain, cfg.seed),
+                                    minibatch_settings(cfg.finetune, cfg.seed + 1)))
     return fit_two_stage(task, tolerance=(cfg.pretrain.tolerance, cfg.finetune.tolerance),
                          max_iter=(cfg.pretrain.max_iter, cfg.finetune.max_iter), **kwargs)
+
+
+# Tables larger than this are evaluated in chunks of this many rows (bounded memory, e.g. a CNN
+# on 60,000 images); smaller ones in one pass, as before.
+EVAL_CHUNK = 4096
+
+
+def _by_rows(fn: Callable[[slice], torch.Tensor], n: int) -> torch.Tensor:
+    """``fn(rows)`` for all ``n`` rows: one call, or concatenated chunks of ``EVAL_CHUNK``."""
+    if n <= EVAL_CHUNK:
+        return fn(slice(None))
+    return torch.cat([fn(slice(s, s + EVAL_CHUNK)) for s in range(0, n, EVAL_CHUNK)])
 
 
 def predict(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor, y: torch.Tensor
             ) -> dict[str, np.ndarray]:
     """Finetuned-model predictions: probabilities, predicted class, loss and measurement."""
     with torch.no_grad():
-        out = task.finetune_outputs(fit.t, fit.backbone_ft, x)
+        out = _by_rows(lambda r: task.finetune_outputs(fit.t, fit.backbone_ft, x[r]), len(x))
         probs = torch.softmax(out, dim=1)
         return {"probs": probs.numpy(), "pred": probs.argmax(1).numpy(),
                 "loss": task.finetune_loss(out, y).numpy(),
-                "measure": task.measure(fit.t, fit.backbone_ft, x, y).numpy()}
+                "measure": _by_rows(lambda r: task.measure(fit.t, fit.backbone_ft, x[r], y[r]),
+                                    len(x)).numpy()}
 
 
 def select_test_points(cfg: RunConfig, test: Table, correct: np.ndarray) -> np.ndarray:
@@ -161,6 +202,43 @@ def select_test_points(cfg: RunConfig, test: Table, correct: np.ndarray) -> np.n
     if unknown:
         raise RunInputError(f"[influence] test_points names unknown test ids {unknown[:5]}")
     return np.array(sorted(pos[t] for t in sel))
+
+
+def stage_solver(stage: StageConfig, seed: int = 0) -> Solver:
+    """The curvature solver a stage's config names, with its options."""
+    ekfac = {"fisher": stage.fisher, "relative_damping": stage.relative_damping, "seed": seed}
+    if stage.solver == "ekfac":
+        return make_solver("ekfac", **ekfac)
+    if stage.solver == "ekfac+cg":
+        return make_solver("ekfac+cg", iterations=stage.cg_iterations, **ekfac)
+    return make_solver(stage.solver)
+
+
+def memory_budget(cfg: RunConfig) -> int:
+    """``[influence] memory_budget_gb`` in bytes."""
+    return int(cfg.influence.memory_budget_gb * 2**30)
+
+
+def check_curvature_settings(cfg: RunConfig, task: TwoStageTask) -> None:
+    """Before training: each stage's solver against the size of its curvature (H: n_u + n_w
+    variables; A_TT: n_t (fixed) or B: n_t + n_u (updated)), and one curvature batch against
+    the memory budget.  Raises a one-line error naming the setting to change."""
+    budget = memory_budget(cfg)
+    dtype = DTYPES[cfg.dtype]
+    nu, nw, nt = task.u_layout.numel, task.w_layout.numel, task.t_layout.numel
+    fixed = task.scenario == "fixed"
+    check_stage_solver("pretrain", cfg.pretrain.solver, nu + nw, dtype, budget,
+                       matrix="Hessian H")
+    check_stage_solver("finetune", cfg.finetune.solver, nt if fixed else nt + nu, dtype, budget,
+                       matrix="head Hessian A_TT" if fixed else "joint Hessian B")
+    # Activations do not depend on the parameter values: the initial ones will do.
+    ub, w, t = task.initial_state()
+    start = TwoStageFit(ub, w, ub, t)
+    batch = cfg.influence.curvature_batch_size
+    check_curvature_batch("pretrain", pretrain_hessian(task, start, batch, memory_budget=budget))
+    # B's products have the variables of the fixed scenario's cross term A_UT ([t; u]) too.
+    check_curvature_batch("finetune", finetune_joint_hessian(task, start, batch,
+                                                             memory_budget=budget))
 
 
 def _versions() -> dict[str, str]:
@@ -203,8 +281,10 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     cfg = load_config(config_path).with_overrides(scenario=scenario, alpha=alpha)
     data = prepare_data(cfg, exclude_ids)
     task = build_task(data)
-    # Everything that can be checked is checked before training: the test-point selection
-    # and the destination (which is staged now, so an unwritable --out fails at once).
+    # Everything that can be checked is checked before training: each stage's solver against
+    # its curvature's size and the memory budget, the test-point selection and the destination
+    # (which is staged now, so an unwritable --out fails at once).
+    check_curvature_settings(cfg, task)
     if not isinstance(cfg.influence.test_points, str):
         select_test_points(cfg, data.finetune_test, np.ones(len(data.finetune_test), bool))
     staging = artifacts.open_destination(out_dir, overwrite, echo)
@@ -250,7 +330,8 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     correct = pred["pred"] == data.finetune_test.y
     pre_x, pre_y = task.pretrain_data
     with torch.no_grad():
-        pre_out = task.pretrain_outputs(fit.backbone_pre, fit.w, pre_x)
+        pre_out = _by_rows(lambda r: task.pretrain_outputs(fit.backbone_pre, fit.w, pre_x[r]),
+                           len(pre_x))
         pre_losses = task.pretrain_loss(pre_out, pre_y).numpy()
         pre_acc = float((pre_out.argmax(1) == pre_y).double().mean())
         ft_x, ft_y = task.finetune_data
@@ -263,12 +344,17 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     inf = cfg.influence
     args = InfluenceArguments(
         pretrain_damping=cfg.pretrain.damping, finetune_damping=cfg.finetune.damping,
-        pretrain_solver=make_solver(inf.solver), finetune_solver=make_solver(inf.solver),
+        pretrain_solver=stage_solver(cfg.pretrain, cfg.seed),
+        finetune_solver=stage_solver(cfg.finetune, cfg.seed),
         batch_size=inf.batch_size, scoring_method=inf.scoring_method,
-        direction_rank=inf.direction_rank, reuse_training_curvature=True)
+        direction_rank=inf.direction_rank, reuse_training_curvature=True,
+        pretrain_curvature=cfg.pretrain.curvature, finetune_curvature=cfg.finetune.curvature,
+        curvature_batch_size=inf.curvature_batch_size, memory_budget=memory_budget(cfg))
     rank = f", directions of rank {inf.direction_rank}" if inf.direction_rank else ""
+    solvers = (cfg.pretrain.solver if cfg.pretrain.solver == cfg.finetune.solver
+               else f"{cfg.pretrain.solver} / {cfg.finetune.solver}")
     echo(f"scoring {len(rows)} test points x {len(pre_x)} pretraining examples "
-         f"(solver {inf.solver}{rank})")
+         f"(solver {solvers}{rank})")
     pause_point("scoring")
     scores = compute_scores(task, fit, x_test[rows], y_test[rows], args,
                             progress=Progress("per-example gradients"))
@@ -279,8 +365,10 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        f_pre = task.features(fit.backbone_pre, pre_x).numpy()
-        f_test = task.features(fit.backbone_pre, x_test[rows]).numpy()
+        f_pre = _by_rows(lambda r: task.features(fit.backbone_pre, pre_x[r]), len(pre_x)).numpy()
+        x_rows = x_test[rows]
+        f_test = _by_rows(lambda r: task.features(fit.backbone_pre, x_rows[r]),
+                          len(x_rows)).numpy()
     echo(f"map: {cfg.map.method} of backbone features")
     pre_xy, test_xy = map_coordinates(f_pre, f_test, method=cfg.map.method,
                                       n_neighbors=cfg.map.n_neighbors,

@@ -51,7 +51,9 @@ class TrainingProgress:
             return
         self.last, self.phase = now, (stage, phase)
         extra = f" ({detail})" if detail else ""
-        self._write(f"{stage}: {phase} step {done}/{limit} (at most), gradient norm "
+        # A minibatch epoch ("adam epoch 2/5") has exactly `limit` steps; other phases at most.
+        bound = "" if " epoch " in f" {phase} " else " (at most)"
+        self._write(f"{stage}: {phase} step {done}/{limit}{bound}, gradient norm "
                     f"{grad_norm:.2e}{extra}")
 
     def note(self, stage: str, message: str) -> None:

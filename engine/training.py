@@ -16,6 +16,12 @@ positive definite Hessian).  Each stage is trained full-batch in two phases:
 Every phase reports progress through a :class:`TrainingMonitor`; the final status, gradient
 norm, smallest Hessian eigenvalue and how it was obtained are recorded in the results.  Users
 may skip these routines and bring already trained parameters (see :func:`fit_from_modules`).
+
+For models and data sets where full-batch second-order training is out of reach (a CNN on
+60,000 images), a stage can instead be trained by minibatch Adam or SGD
+(:class:`MinibatchSettings`, :func:`minimize_minibatch`): the same objective, a fixed budget of
+seeded, deterministic epochs, and an honest record: status ``not certified (adam, 5 epochs)``,
+the final full-batch gradient norm, no curvature check and no claim of a minimum.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ class StageFit:
 
     ``status``: ``minimum`` (gradient below tolerance, Hessian positive definite), ``singular``
     (gradient below tolerance, smallest eigenvalue at round-off: a flat direction), ``saddle``,
-    ``unchecked`` (Newton phase disabled: curvature not examined) or ``not converged``.
+    ``unchecked`` (Newton phase disabled: curvature not examined), ``not converged``, or
+    ``not certified (adam, 5 epochs)`` for a minibatch-trained stage (``iterations`` then counts
+    minibatch steps; never ``converged``).
     ``curvature`` is the dense Hessian's eigendecomposition at ``params`` when one was built
     there (reused as a warm-start hint); it is not part of :meth:`summary`.
     """
@@ -84,6 +92,8 @@ class StageFit:
     hvps: int = 0
     saddle_escapes: int = 0
     curvature: DenseCurvature | None = field(default=None, repr=False)
+    optimizer: str = "newton"      # "newton" (this module's certified trainer), "adam", "sgd"
+    epochs: int | None = None      # minibatch optimizers only
 
     @property
     def converged(self) -> bool:
@@ -97,6 +107,7 @@ class StageFit:
                 "min_eigenvalue": self.min_eigenvalue, "curvature_check": self.curvature_check,
                 "newton_steps": self.newton_steps, "hessians": self.hessians,
                 "hvps": self.hvps, "saddle_escapes": self.saddle_escapes,
+                "optimizer": self.optimizer, "epochs": self.epochs,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -273,6 +284,208 @@ def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.
                     monitor=monitor)
 
 
+# --- minibatch first-order training ---------------------------------------------------------
+
+MINIBATCH_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class MinibatchSettings:
+    """Minibatch training of one stage with Adam or SGD (with momentum) for a fixed budget.
+
+    Each epoch visits every example once in an order drawn from ``seed`` (a fresh
+    ``torch.Generator``), so the same settings, data and start give bit-identical parameters.
+    ``eval_batch_size`` rows at a time are used for the final full-batch objective and gradient.
+    """
+
+    optimizer: str = "adam"
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    momentum: float = 0.9          # sgd only
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in MINIBATCH_OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of "
+                             f"{list(MINIBATCH_OPTIMIZERS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    @property
+    def status(self) -> str:
+        """The stage status this training records, e.g. ``not certified (adam, 5 epochs)``."""
+        return (f"not certified ({self.optimizer}, {self.epochs} "
+                f"epoch{'' if self.epochs == 1 else 's'})")
+
+
+@dataclass
+class StochasticObjective:
+    """A stage objective ``(1/n) sum_j loss_j(params) + regularizer(params)``, by rows.
+
+    ``loss_sum(params, rows)`` is the sum of the (weighted) per-example losses of ``rows`` (a
+    LongTensor of row indices); a minibatch estimate of the objective divides it by the batch
+    size, the full objective by ``n``.
+    """
+
+    n: int
+    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    regularizer: Callable[[torch.Tensor], torch.Tensor]
+
+    def batch(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Unbiased minibatch estimate of the objective."""
+        return self.loss_sum(params, rows) / len(rows) + self.regularizer(params)
+
+    def value_and_grad(self, params: torch.Tensor, chunk: int = 1024
+                       ) -> tuple[float, torch.Tensor]:
+        """The full objective and its gradient, summed over chunks of ``chunk`` rows."""
+        p = params.detach().requires_grad_(True)
+        reg = self.regularizer(p)
+        (total_grad,) = torch.autograd.grad(reg, p)
+        value = reg.item()
+        for start in range(0, self.n, chunk):
+            rows = torch.arange(start, min(start + chunk, self.n))
+            part = self.loss_sum(p, rows) / self.n
+            (g,) = torch.autograd.grad(part, p)
+            total_grad = total_grad + g
+            value += part.item()
+        return value, total_grad
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def minimize_minibatch(objective: StochasticObjective, x0: torch.Tensor, *,
+                       settings: MinibatchSettings, tolerance: float, name: str,
+                       monitor: TrainingMonitor | None = None) -> StageFit:
+    """Train a flat parameter vector by minibatch Adam/SGD for ``settings.epochs`` epochs.
+
+    No minimum is certified: the result's status is ``settings.status``, its gradient norm is
+    the full-batch gradient at the end (``tolerance`` is only recorded), and a
+    :class:`NotConvergedWarning` says so.  Progress: a line per epoch with an ETA, and throttled
+    minibatch lines through ``monitor``.
+    """
+    start = time.perf_counter()
+    n = objective.n
+    if n == 0:
+        raise TrainingError(f"{name}: no examples to train on")
+    x = x0.detach().clone().requires_grad_(True)
+    if settings.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam([x], lr=settings.learning_rate)
+    else:
+        opt = torch.optim.SGD([x], lr=settings.learning_rate, momentum=settings.momentum)
+    gen = torch.Generator().manual_seed(settings.seed)
+    size = min(settings.batch_size, n)
+    per_epoch = math.ceil(n / size)
+    total_steps = settings.epochs * per_epoch
+    label = settings.optimizer
+    steps = 0
+    for epoch in range(1, settings.epochs + 1):
+        t_epoch = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        running = 0.0
+        for b in range(per_epoch):
+            rows = order[b * size:(b + 1) * size]
+            opt.zero_grad(set_to_none=True)
+            value = objective.batch(x, rows)
+            if not torch.isfinite(value):
+                raise TrainingError(
+                    f"{name}: the minibatch objective became {value.item()} at {label} epoch "
+                    f"{epoch}, step {b + 1}; lower learning_rate, or check the inputs for "
+                    "NaN/inf values")
+            value.backward()
+            opt.step()
+            steps += 1
+            running += value.item()
+            if monitor is not None:
+                elapsed = time.perf_counter() - start
+                eta = elapsed / steps * (total_steps - steps)
+                monitor.step(name, f"{label} epoch {epoch}/{settings.epochs}", b + 1, per_epoch,
+                             x.grad.norm().item(),
+                             f"minibatch gradient; objective {value.item():.4g}, stage ETA "
+                             f"{_duration(eta)}")
+        if monitor is not None:
+            elapsed = time.perf_counter() - start
+            monitor.note(name, f"{label} epoch {epoch}/{settings.epochs} done in "
+                               f"{time.perf_counter() - t_epoch:.1f}s: mean minibatch objective "
+                               f"{running / per_epoch:.4g}; ETA "
+                               f"{_duration(elapsed / epoch * (settings.epochs - epoch))}")
+    if monitor is not None:
+        monitor.note(name, "full-batch objective and gradient at the end of training")
+    value, g = objective.value_and_grad(x.detach(), settings.eval_batch_size)
+    grad_norm = g.norm().item()
+    if not (math.isfinite(value) and math.isfinite(grad_norm)):
+        raise TrainingError(f"{name}: the objective or its gradient is not finite after "
+                            f"training ({value}, {grad_norm}); lower learning_rate")
+    fit = StageFit(x.detach().clone(), grad_norm, value, steps, tolerance,
+                   time.perf_counter() - start, settings.status, optimizer=settings.optimizer,
+                   epochs=settings.epochs)
+    warnings.warn(
+        f"{name} was trained with {label} for {settings.epochs} epoch(s) ({steps} minibatch "
+        f"steps of {size}): not a certified minimum (full-batch gradient norm {grad_norm:.3g}, "
+        "curvature not checked). Influence scores assume a minimum: use a curvature that is "
+        "positive definite by construction (EK-FAC) or a damping, and read the scores as "
+        "approximate.", NotConvergedWarning, stacklevel=2)
+    log.info("%s: %s, %d steps, full-batch gradient norm %.3g, objective %.6g, %.2fs", name,
+             fit.status, steps, grad_norm, value, fit.seconds)
+    return fit
+
+
+def pretrain_stochastic_objective(task: TwoStageTask, x: torch.Tensor, y: torch.Tensor,
+                                  sample_weights: torch.Tensor | None = None
+                                  ) -> StochasticObjective:
+    """:func:`pretrain_objective` by rows: the same losses, weights and weight decay."""
+    nb = task.backbone_layout.numel
+    wd = task.pretrain_weight_decay
+
+    def loss_sum(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        losses = task.pretrain_loss(task.pretrain_outputs(theta[:nb], theta[nb:], x[rows]),
+                                    y[rows])
+        if sample_weights is not None:
+            losses = losses * sample_weights[rows]
+        return losses.sum()
+
+    return StochasticObjective(len(x), loss_sum, lambda theta: 0.5 * wd * (theta * theta).sum())
+
+
+def finetune_stochastic_objective(task: TwoStageTask, backbone_pre: torch.Tensor,
+                                  x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
+                                  ) -> StochasticObjective:
+    """:func:`finetune_objective` by rows (fixed: features computed once, in chunks)."""
+    nt = task.t_layout.numel
+    wd = task.finetune_weight_decay
+    if task.scenario == "fixed":
+        with torch.no_grad():
+            feats = torch.cat([task.features(backbone_pre, x[s:s + chunk])
+                               for s in range(0, len(x), chunk)])
+
+        def loss_fixed(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            out = functional_call(task.finetune_head, task.t_layout.unflatten(t), (feats[rows],))
+            return task.finetune_loss(out, y[rows]).sum()
+
+        return StochasticObjective(len(x), loss_fixed, lambda t: 0.5 * wd * (t * t).sum())
+
+    def loss_updated(tu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = task.finetune_outputs(tu[:nt], tu[nt:], x[rows])
+        return task.finetune_loss(out, y[rows]).sum()
+
+    def reg_updated(tu: torch.Tensor) -> torch.Tensor:
+        t, d = tu[:nt], tu[nt:] - backbone_pre
+        return 0.5 * wd * (t * t).sum() + 0.5 * task.alpha * (d * d).sum()
+
+    return StochasticObjective(len(x), loss_updated, reg_updated)
+
+
 def pretrain_objective(task: TwoStageTask, x: torch.Tensor, y: torch.Tensor,
                        sample_weights: torch.Tensor | None = None
                        ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -323,11 +536,14 @@ def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tenso
                     keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
                     tolerance: float = 1e-7, max_iter: int = 2000,
                     newton: NewtonSettings | None = None, hint: DenseCurvature | None = None,
-                    monitor: TrainingMonitor | None = None) -> StageFit:
+                    monitor: TrainingMonitor | None = None,
+                    optimizer: MinibatchSettings | None = None) -> StageFit:
     """Train stage 1 (backbone + pretraining head) and return ``[backbone; w]``.
 
     ``keep`` is a boolean mask over pretraining examples (removal retraining); ``init`` warm
     starts from given (backbone, w) vectors, otherwise from the modules' current parameters.
+    ``optimizer`` (minibatch Adam/SGD) replaces the certified trainer (``max_iter``, ``newton``
+    and ``hint`` then do not apply).
     """
     x, y = task.pretrain_data
     if keep is not None:
@@ -339,6 +555,10 @@ def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tenso
     ub0, w0, _ = task.initial_state()
     if init is not None:
         ub0, w0 = init
+    if optimizer is not None:
+        return minimize_minibatch(pretrain_stochastic_objective(task, x, y, sample_weights),
+                                  torch.cat([ub0, w0]), settings=optimizer, tolerance=tolerance,
+                                  name="pretraining", monitor=monitor)
     return minimize(pretrain_objective(task, x, y, sample_weights), torch.cat([ub0, w0]),
                     tolerance=tolerance, max_iter=max_iter, name="pretraining", newton=newton,
                     hint=hint, monitor=monitor)
@@ -348,10 +568,12 @@ def fit_finetuning(task: TwoStageTask, backbone_pre: torch.Tensor, *,
                    init: tuple[torch.Tensor, torch.Tensor] | None = None,
                    tolerance: float = 1e-7, max_iter: int = 2000,
                    newton: NewtonSettings | None = None, hint: DenseCurvature | None = None,
-                   monitor: TrainingMonitor | None = None) -> StageFit:
+                   monitor: TrainingMonitor | None = None,
+                   optimizer: MinibatchSettings | None = None) -> StageFit:
     """Train stage 2 given U*; returns ``t`` (fixed) or ``[t; backbone]`` (updated).
 
     ``init`` = (t, backbone) warm start; the backbone starts at U* when not given.
+    ``optimizer``: minibatch Adam/SGD instead of the certified trainer (as in pretraining).
     """
     x, y = task.finetune_data
     _, _, t0 = task.initial_state()
@@ -359,6 +581,10 @@ def fit_finetuning(task: TwoStageTask, backbone_pre: torch.Tensor, *,
     if init is not None:
         t0, ub0 = init
     x0 = t0 if task.scenario == "fixed" else torch.cat([t0, ub0])
+    if optimizer is not None:
+        return minimize_minibatch(finetune_stochastic_objective(task, backbone_pre, x, y), x0,
+                                  settings=optimizer, tolerance=tolerance, name="finetuning",
+                                  monitor=monitor)
     return minimize(finetune_objective(task, backbone_pre, x, y), x0,
                     tolerance=tolerance, max_iter=max_iter, name="finetuning", newton=newton,
                     hint=hint, monitor=monitor)
@@ -369,11 +595,15 @@ def fit_two_stage(task: TwoStageTask, *, tolerance: tuple[float, float] = (1e-7,
                   sample_weights: torch.Tensor | None = None,
                   warm_start: TwoStageFit | None = None,
                   newton: NewtonSettings | None = None,
-                  monitor: TrainingMonitor | None = None) -> TwoStageFit:
+                  monitor: TrainingMonitor | None = None,
+                  optimizer: tuple[MinibatchSettings | None, MinibatchSettings | None] = (
+                      None, None)) -> TwoStageFit:
     """Train both stages (optionally without some pretraining examples, warm-started).
 
     A ``warm_start`` that carries its stages' dense curvature (a fit made by this function)
     also lends it to the Newton phase, so a retrain near it needs few or no new Hessians.
+    ``optimizer`` = (pretraining, finetuning) minibatch settings; ``None`` = the certified
+    L-BFGS + trust-region Newton trainer (the default) for that stage.
     """
     nb = task.backbone_layout.numel
 
@@ -382,13 +612,14 @@ def fit_two_stage(task: TwoStageTask, *, tolerance: tuple[float, float] = (1e-7,
 
     pre = fit_pretraining(
         task, keep=keep, sample_weights=sample_weights, tolerance=tolerance[0],
-        max_iter=max_iter[0], newton=newton, monitor=monitor,
+        max_iter=max_iter[0], newton=newton, monitor=monitor, optimizer=optimizer[0],
         hint=None if warm_start is None or keep is not None else hint(warm_start.pretrain),
         init=None if warm_start is None else (warm_start.backbone_pre, warm_start.w))
     backbone_pre, w = pre.params[:nb], pre.params[nb:]
     ft = fit_finetuning(
         task, backbone_pre, tolerance=tolerance[1], max_iter=max_iter[1], newton=newton,
-        monitor=monitor, hint=None if warm_start is None else hint(warm_start.finetune),
+        monitor=monitor, optimizer=optimizer[1],
+        hint=None if warm_start is None else hint(warm_start.finetune),
         init=None if warm_start is None else (warm_start.t, warm_start.backbone_ft))
     nt = task.t_layout.numel
     if task.scenario == "fixed":

@@ -186,7 +186,7 @@ def test_rank_under_auto_keeps_the_other_tensors_exact():
 
 
 def test_many_directions_are_chunked_without_changing_scores(monkeypatch):
-    import engine.linear_contraction as lc
+    import engine.layer_contraction as lc
     task = make_task(Sequence(), x_seq(), 4)
     fit, d = random_fit(task), random_directions(task, k=9)
     whole, _ = scored(task, fit, d, method="layerwise")
@@ -248,7 +248,7 @@ def test_rank_r_scores_match_directions_truncated_independently():
 
 def test_randomized_truncation_is_deterministic_and_close_to_the_full_svd(monkeypatch):
     """Blocks much larger than the rank use a seeded randomized SVD."""
-    import engine.linear_contraction as lc
+    import engine.layer_contraction as lc
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(24, 30), nn.Tanh())
     task = make_task(backbone, x_flat(m=60, d=24), 30)

@@ -56,6 +56,17 @@ if manifest.get("approximation"):
 for stage in unconverged_stages(run):
     info = manifest_mapping(run, "stages").get(stage)
     info = info if isinstance(info, dict) else {}
+    if str(info.get("status", "")).startswith("not certified"):
+        # Trained by minibatch adam / sgd for a fixed budget: no minimum is claimed.
+        gn = info.get("final_grad_norm")
+        gn = f"{gn:.3g}" if _number(gn) else "?"
+        st.warning(
+            f"**The {md_escape(stage)} stage is not certified as a minimum**: it was trained "
+            f"for a fixed budget ({md_escape(info['status'])}, "
+            f"{md_escape(info.get('iterations', '?'))} minibatch steps; final full-batch "
+            f"gradient norm {md_escape(gn)}). Influence scores "
+            "assume a minimum; read them as approximate.", icon=":material/warning:")
+        continue
     where = ("it stopped at a saddle point, not a minimum (lowest Hessian eigenvalue "
              f"{md_escape(info.get('min_eigenvalue', '?'))})"
              if info.get("status") == "saddle" else "its influence scores are less reliable")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from engine.curvature.errors import NotPositiveDefiniteError
+from engine.curvature.errors import NotPositiveDefiniteError, SolverSettingError
 from engine.curvature.errors import damping_advice as _advice
 from engine.curvature.operators import Curvature
 
@@ -29,13 +29,16 @@ class ExactSolver:
         key = (id(op), float(damping))
         if key in self._cache:
             return self._cache[key]
-        if op.dim > self.max_dim:
-            raise ValueError(
-                f"{op.name} has {op.dim} parameters, above the exact solver's limit "
-                f"{self.max_dim}; use solver 'cg' or 'lissa'")
         if op.eigen is not None:   # built by training at this point: same vectors, shifted
             evals, evecs = op.eigen[0] + damping, op.eigen[1]
         else:
+            from engine.curvature.checks import dense_problem  # checks imports this module
+
+            problem = dense_problem(op.dim, op.point.dtype, op.memory_budget, self.max_dim)
+            if problem:
+                raise SolverSettingError(
+                    f"{op.name} {problem}; use solver 'cg' (or 'lissa', 'ekfac+cg'), a larger "
+                    "memory budget if memory is the limit, or fewer tracked backbone parameters")
             mat = op.dense()
             damped = mat + damping * torch.eye(op.dim, dtype=mat.dtype)  # a new matrix
             evals, evecs = torch.linalg.eigh(damped)
@@ -51,7 +54,8 @@ class ExactSolver:
         self._cache = {k: v for k, v in self._cache.items() if k[0] == id(op)} | {
             key: (evals, evecs)}
         self.last_info = {"min_eigenvalue": lo, "max_eigenvalue": evals[-1].item(),
-                          "matrix": "from training" if op.eigen is not None else "built"}
+                          "matrix": "from training" if op.eigen is not None else "built",
+                          **(op.describe() if op.eigen is None else {})}
         return evals, evecs
 
     def solve(self, op: Curvature, rhs: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
