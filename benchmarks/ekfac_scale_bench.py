@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import importlib.util
 import json
@@ -412,9 +413,20 @@ def accuracy(approx: torch.Tensor, exact: torch.Tensor, top: int = 10) -> dict:
 
 
 # ----- one repeat, in a fresh child process --------------------------------------------------
-def measured(fn: Callable[[], object], output_mb: float = 0.0) -> tuple[object, dict]:
-    """:func:`timed` plus the phase's own peak RSS (VmHWM reset right before it)."""
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so that the RSS before a
+    phase is what is still alive, not what earlier phases freed but the allocator kept."""
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measured(fn: Callable[[], object], output_mb: float = 0.0) -> tuple[object, dict]:
+    """:func:`timed` plus the phase's own peak RSS (VmHWM reset right before it, after
+    :func:`release_free_memory`)."""
+    release_free_memory()
     before = current_rss_mb()
     reset_peak()
     out, row = timed(fn)
@@ -449,7 +461,8 @@ def repeat_child(cfg: argparse.Namespace) -> None:
     def log(msg: str) -> None:
         print(f"  [M={m:,}] {msg}", file=sys.stderr, flush=True)
 
-    row: dict = {"M": m}
+    x = task.pretrain_data[0]
+    row: dict = {"M": m, "input_mb": (x.numel() * x.element_size() + len(x) * 8) / MB}
     epoch = epoch_fn(task, fit, cfg.batch_size)
     epoch(4 * cfg.batch_size)   # warm-up (allocator, mkldnn kernels)
     _, row["epoch"] = timed(epoch)
@@ -801,20 +814,21 @@ def summarize(cfg: argparse.Namespace, env: dict, n_params: int, train_info: dic
     phases = {"fit": "fit", "score8": f"scoring K={k8}", "score_big": f"scoring K={kbig}"}
     verdict_mem = {}
     print("\npeak memory per phase (VmHWM reset right before it) in fresh child processes, MB:")
-    print(f"{'phase':<14} {'M':>8} {'RSS before':>11} {'peak':>8} {'increment':>10} "
-          f"{'output':>8} {'incr - output':>14}")
+    print(f"{'phase':<14} {'M':>8} {'input':>7} {'RSS before':>11} {'peak':>8} "
+          f"{'increment':>10} {'output':>8} {'incr - output':>14} {'peak - in - out':>16}")
     rows_all = sorted(mem_rows + repeats, key=lambda r: r["M"])
     for key, label in phases.items():
         for r in rows_all:
             p = r[key]
-            print(f"{label:<14} {r['M']:>8,} {p['rss_before_mb']:>11.0f} {p['peak_rss_mb']:>8.0f} "
-                  f"{p['increment_mb']:>10.0f} {p['output_mb']:>8.1f} "
-                  f"{p['increment_minus_output_mb']:>14.0f}")
+            print(f"{label:<14} {r['M']:>8,} {r['input_mb']:>7.0f} {p['rss_before_mb']:>11.0f} "
+                  f"{p['peak_rss_mb']:>8.0f} {p['increment_mb']:>10.0f} {p['output_mb']:>8.1f} "
+                  f"{p['increment_minus_output_mb']:>14.0f} "
+                  f"{p['peak_rss_mb'] - r['input_mb'] - p['output_mb']:>16.0f}")
         small = [r[key]["increment_minus_output_mb"] for r in rows_all
                  if r["M"] == rows_all[0]["M"]]
         large = [r[key]["increment_minus_output_mb"] for r in rows_all
                  if r["M"] == rows_all[-1]["M"]]
-        growth = max(large) - statistics.median(small)
+        growth = statistics.median(large) - statistics.median(small)
         verdict_mem[key] = {"M": [rows_all[0]["M"], rows_all[-1]["M"]], "growth_mb": growth,
                             "flat": rows_all[0]["M"] != rows_all[-1]["M"]
                             and growth <= max(0.10 * statistics.median(small), 50.0)}

@@ -84,7 +84,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """``[pretrain]``: L2-regularised training of one stage with L-BFGS."""
+    """``[pretrain]``: L2-regularised training of one stage (``optimizer``: L-BFGS + Newton, or
+    minibatch adam / sgd) and its curvature backend."""
 
     weight_decay: float = 1e-2
     damping: float = 0.0
