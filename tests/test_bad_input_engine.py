@@ -277,7 +277,8 @@ def _interrupt(cfg: Path, out: Path, point: str, sig: int, overwrite: bool
         args.append("--overwrite")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
+    # Generous: a loaded 2-core CI machine can take minutes to import and train to a pause.
+    deadline = time.monotonic() + 900
     lines = []
     assert proc.stderr is not None
     for line in proc.stderr:          # the run announces the pause on stderr
@@ -286,7 +287,7 @@ def _interrupt(cfg: Path, out: Path, point: str, sig: int, overwrite: bool
             proc.send_signal(sig)
             break
         assert time.monotonic() < deadline
-    out_text, err_rest = proc.communicate(timeout=240)
+    out_text, err_rest = proc.communicate(timeout=900)
     return subprocess.CompletedProcess(args, proc.returncode, out_text,
                                        "".join(lines) + err_rest)
 
