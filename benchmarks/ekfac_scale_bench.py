@@ -630,7 +630,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, default=OUT / "ekfac_scale_weights.pt")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/ekfac_scale_bench"),
-                   help="K = n_test directions (~0.9 GB) and subset scores, removed at the end")
+                   help="child results, K = n_test directions (~0.9 GB) and subset scores; "
+                        "emptied at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the child results a killed run left in --scratch (same settings)")
+    p.add_argument("--keep-scratch", action="store_true")
     p.add_argument("--json", type=Path, default=OUT / "ekfac_scale_bench.json")
     p.add_argument("--child-m", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-directions", type=Path, help=argparse.SUPPRESS)
@@ -674,17 +678,39 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg.scratch.mkdir(parents=True, exist_ok=True)
     dpath, spath = cfg.scratch / "directions.pt", cfg.scratch / "subset_scores.pt"
-    for f in (dpath, spath):
-        f.unlink(missing_ok=True)
+    key = weights_key(cfg) | {
+        k: getattr(cfg, k) for k in ("batch_size", "threads", "n_test", "k_exact", "rank",
+                                     "subset", "fit_memory_budget_mb", "score_memory_budget_mb")}
+    key_file = cfg.scratch / "config.json"
+    if not (cfg.resume and key_file.exists() and json.loads(key_file.read_text()) == key):
+        for f in cfg.scratch.iterdir():
+            f.unlink()
+        key_file.write_text(json.dumps(key))
+    elif cfg.resume:
+        print(f"resuming from the child results in {cfg.scratch}", flush=True)
+        env["resumed"] = True
+
+    def child(name: str, m: int, subset_scores: Path | None) -> dict:
+        """A child's result, from ``--scratch`` when a previous (killed) run finished it."""
+        done = cfg.scratch / f"{name}.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        if subset_scores is not None:   # the first repeat makes the K = n_test directions
+            for f in (dpath, spath):
+                f.unlink(missing_ok=True)
+        row = run_child(cfg, m, subset_scores)
+        done.write_text(json.dumps(row))
+        return row
+
     repeats = []
     for rep in range(cfg.repeats):
         print(f"repeat {rep + 1}/{cfg.repeats} (fresh child process)", flush=True)
-        repeats.append(run_child(cfg, cfg.n_pretrain, spath if rep == 0 else None))
+        repeats.append(child(f"repeat{rep}", cfg.n_pretrain, spath if rep == 0 else None))
     mem_rows = []
     for mm in cfg.mem_ms:
         if mm != cfg.n_pretrain:
             print(f"memory comparison at M = {mm:,} (fresh child process)", flush=True)
-            mem_rows.append(run_child(cfg, mm, None))
+            mem_rows.append(child(f"memory{mm}", mm, None))
 
     # Accuracy of rank-r against exact full-rank scores on a subset (deterministic: once).
     dbig = load_directions(dpath)
@@ -707,14 +733,15 @@ def main(argv: list[str] | None = None) -> int:
     exact = approx = e_pre = e_ft = dbig = saved = None
     print("diagnostics on the first batches", flush=True)
     diag = diagnostics(task, fit, d8, cfg, cfg.diag_batches)
-    for f in (dpath, spath):
-        f.unlink(missing_ok=True)
     env["loadavg_end"] = os.getloadavg()
     payload = summarize(cfg, env, n_params, train_info, layers, floor8, floor_big, repeats,
                         mem_rows, acc, diag)
     cfg.json.parent.mkdir(parents=True, exist_ok=True)
     cfg.json.write_text(json.dumps(payload, indent=2, default=str))
     print(f"\nwrote {cfg.json}")
+    if not cfg.keep_scratch:
+        for f in cfg.scratch.iterdir():
+            f.unlink()
     return 0
 
 

@@ -271,7 +271,9 @@ def test_verify_on_a_file_says_it_is_a_file(tmp_path):
 
 def _interrupt(cfg: Path, out: Path, point: str, sig: int, overwrite: bool
                ) -> subprocess.CompletedProcess:
-    env = {**ENV, "INFLUENCE_PAUSE_AT": point, "INFLUENCE_PAUSE_SECONDS": "3"}
+    # The signal must land inside the pause: 3 s was too short for a loaded CI machine, where
+    # this process can be starved for seconds between reading the line and signalling.
+    env = {**ENV, "INFLUENCE_PAUSE_AT": point, "INFLUENCE_PAUSE_SECONDS": "15"}
     args = [sys.executable, "-m", "engine", "run", str(cfg), "--out", str(out)]
     if overwrite:
         args.append("--overwrite")
