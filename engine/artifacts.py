@@ -151,7 +151,7 @@ def write_run(
     manifest: dict[str, Any],
     test_points: pd.DataFrame,
     pretrain_examples: pd.DataFrame,
-    scores: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray] | None,
     pretrain_xy: np.ndarray,
     test_xy: np.ndarray,
     overwrite: bool = False,
@@ -166,7 +166,9 @@ def write_run(
     An existing ``out_dir`` is replaced only when ``overwrite`` is true, only when it is a run
     or an empty directory, and only after the new run is complete (atomically:
     :mod:`engine.atomic_dir`).  ``staging`` is the :func:`open_destination` made before the
-    work started (one is opened here otherwise); it is closed on return.
+    work started (one is opened here otherwise); it is closed on return.  ``scores=None``:
+    the score files are already in ``staging`` (:func:`create_score_files`, then
+    :func:`write_score_columns` by every rank of a distributed run); they are checked here.
     """
     out = Path(out_dir).absolute()
     if staging is None:
@@ -176,16 +178,63 @@ def write_run(
                              pretrain_xy, test_xy, overwrite, model_arrays)
 
 
+def create_score_files(directory: Path, n_test: int, n_pre: int) -> None:
+    """Create the three float32 ``(n_test, n_pre)`` score files (``.npy``, zero-filled) in a
+    staging ``directory``, for :func:`write_score_columns` to fill."""
+    (directory / "scores").mkdir(exist_ok=True)
+    for name in SCORE_NAMES:
+        mm = np.lib.format.open_memmap(directory / "scores" / f"{name}.npy", mode="w+",
+                                       dtype=np.float32, shape=(n_test, n_pre))
+        mm.flush()
+        del mm
+
+
+def write_score_columns(directory: Path, lo: int, blocks: dict[str, np.ndarray]) -> None:
+    """Write score columns ``[lo, lo + width)`` (pretraining examples) of every score file
+    made by :func:`create_score_files`; ``blocks`` maps each score name to ``(n_test, width)``.
+    Writers of disjoint column ranges may run concurrently (one process per rank)."""
+    if set(blocks) != set(SCORE_NAMES):
+        raise RunError(f"scores must be exactly {SCORE_NAMES}, got {sorted(blocks)}")
+    for name in SCORE_NAMES:
+        block = blocks[name]
+        if not np.all(np.isfinite(block)):
+            raise RunError(f"scores[{name!r}] columns from {lo} contain NaN or infinite values")
+        mm = np.lib.format.open_memmap(directory / "scores" / f"{name}.npy", mode="r+")
+        if block.ndim != 2 or block.shape[0] != mm.shape[0] or lo + block.shape[1] > mm.shape[1]:
+            raise RunError(f"scores[{name!r}]: a block of shape {block.shape} at column {lo} "
+                           f"does not fit the file's shape {mm.shape}")
+        mm[:, lo : lo + block.shape[1]] = block
+        mm.flush()
+        del mm
+
+
+def _check_score_files(directory: Path, n_test: int, n_pre: int, chunk: int = 256) -> None:
+    for name in SCORE_NAMES:
+        path = directory / "scores" / f"{name}.npy"
+        if not path.is_file():
+            raise RunError(f"scores/{name}.npy was not written")
+        arr = np.load(path, mmap_mode="r")
+        if arr.shape != (n_test, n_pre) or arr.dtype != np.float32:
+            raise RunError(f"scores/{name}.npy has shape {arr.shape} ({arr.dtype}), expected "
+                           f"{(n_test, n_pre)} float32")
+        for s in range(0, n_test, chunk):
+            if not np.all(np.isfinite(arr[s : s + chunk])):
+                raise RunError(f"scores[{name!r}] contains NaN or infinite values")
+
+
 def _write_staged(staging: Staging, manifest: dict[str, Any], test_points: pd.DataFrame,
-                  pretrain_examples: pd.DataFrame, scores: dict[str, np.ndarray],
+                  pretrain_examples: pd.DataFrame, scores: dict[str, np.ndarray] | None,
                   pretrain_xy: np.ndarray, test_xy: np.ndarray, overwrite: bool,
                   model_arrays: dict[str, np.ndarray] | None) -> Path:
     n_test, n_pre = len(test_points), len(pretrain_examples)
     _check_table(test_points, TEST_REQUIRED, "test_id", TEST_TABLE)
     _check_table(pretrain_examples, PRETRAIN_REQUIRED, "example_id", PRETRAIN_TABLE)
-    if set(scores) != set(SCORE_NAMES):
+    tmp = staging.path
+    if scores is None:
+        _check_score_files(tmp, n_test, n_pre)
+    elif set(scores) != set(SCORE_NAMES):
         raise RunError(f"scores must be exactly {SCORE_NAMES}, got {sorted(scores)}")
-    for name, arr in scores.items():
+    for name, arr in (scores or {}).items():
         if arr.shape != (n_test, n_pre):
             raise RunError(f"scores[{name!r}] has shape {arr.shape}, expected {(n_test, n_pre)}")
         if not np.all(np.isfinite(arr)):
@@ -193,8 +242,8 @@ def _write_staged(staging: Staging, manifest: dict[str, Any], test_points: pd.Da
     if pretrain_xy.shape != (n_pre, 2) or test_xy.shape != (n_test, 2):
         raise RunError("map coordinates must have shapes (n_pretrain, 2) and (n_test, 2)")
 
-    tmp = staging.path
-    (tmp / "scores").mkdir()
+    if scores is not None:
+        (tmp / "scores").mkdir()
     (tmp / "map").mkdir()
     test_points = test_points.assign(test_id=test_points["test_id"].astype(str))
     pretrain_examples = pretrain_examples.assign(
@@ -202,7 +251,7 @@ def _write_staged(staging: Staging, manifest: dict[str, Any], test_points: pd.Da
     )
     test_points.to_parquet(tmp / TEST_TABLE, index=False)
     pretrain_examples.to_parquet(tmp / PRETRAIN_TABLE, index=False)
-    for name in SCORE_NAMES:
+    for name in SCORE_NAMES if scores is not None else ():
         np.save(tmp / "scores" / f"{name}.npy", np.ascontiguousarray(scores[name], np.float32))
     np.save(tmp / "map" / "pretrain_xy.npy", np.asarray(pretrain_xy, np.float32))
     np.save(tmp / "map" / "test_xy.npy", np.asarray(test_xy, np.float32))
@@ -285,6 +334,7 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "render": ((dict,), False), "excluded_ids": ((list,), False),
     "input_hashes": ((dict,), False), "approximation": ((str, type(None)), False),
     "timings": ((dict,), False), "versions": ((dict,), False),
+    "distributed": ((dict,), False),
 }
 
 

@@ -11,12 +11,21 @@ from engine import artifacts
 
 
 def _cmd_run(ns: argparse.Namespace) -> None:
+    from engine.config import load_config
+    from engine.distributed import init_from_env, shutdown
     from engine.ids_file import read_ids_file
-    from engine.pipeline import run
+    from engine.pipeline import run, run_device
 
-    exclude = read_ids_file(ns.exclude) if ns.exclude else []
-    run(ns.config, ns.out, scenario=ns.scenario, alpha=ns.alpha, exclude_ids=exclude,
-        overwrite=ns.overwrite)
+    # Under torchrun: one worker of the process group, NCCL when the run's device is a GPU,
+    # gloo on the CPU (the device's type is known before the group; its index is not).
+    cfg = load_config(ns.config).with_overrides(device=ns.device)
+    world = ns.world = init_from_env(run_device(cfg))
+    try:
+        exclude = read_ids_file(ns.exclude) if ns.exclude else []
+        run(ns.config, ns.out, scenario=ns.scenario, alpha=ns.alpha, exclude_ids=exclude,
+            overwrite=ns.overwrite, world=world, device=ns.device)
+    finally:
+        shutdown(world)
 
 
 def _cmd_verify(ns: argparse.Namespace) -> None:
@@ -28,7 +37,7 @@ def _cmd_verify(ns: argparse.Namespace) -> None:
 def _cmd_validate(ns: argparse.Namespace) -> None:
     from engine.validation import main as validate_main
 
-    validate_main(ns)
+    validate_main(ns)   # under torchrun the retrains are split over the ranks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", metavar="IDS_FILE",
                    help="retrain without these pretraining example ids (one per line)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N or auto")
     r.set_defaults(func=_cmd_run)
 
     v = sub.add_parser("verify", help="check a run directory's schema, shapes and hashes")
@@ -79,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_prefix(ns: argparse.Namespace, exc: BaseException) -> str:
+    """``rank R of W: `` in a distributed run (every rank prints its own error), unless the
+    error already names the ranks that failed."""
+    world = getattr(ns, "world", None)
+    if not (world and world.distributed) or type(exc).__name__ == "RankFailedError":
+        return ""
+    return f"rank {world.rank} of {world.world_size}: "
+
+
 def _terminate(signum: int, frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C, so staging directories are removed on the way out.
     raise KeyboardInterrupt
@@ -97,6 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, RuntimeError, OSError) as exc:
         # Library errors carry the what-to-do message; a traceback would only hide it.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank_prefix(ns, exc)}{exc}", file=sys.stderr)
         return 2
     return 0

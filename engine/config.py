@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.data import label_key
+from engine.device_spec import device_problem
 
 DTYPES = ("float64", "float32")
+TOP_KEYS = ("seed", "dtype", "device")
 RENDERS = ("image", "text", "none")
 # Smooth activations only: influence functions need second derivatives of the loss.
 ACTIVATIONS = ("tanh", "softplus", "gelu", "sigmoid")
@@ -97,6 +99,8 @@ class StageConfig:
     fisher: str = "true"            # ekfac, ekfac+cg: how the Kronecker factors are fitted
     relative_damping: float = 0.1   # ekfac, ekfac+cg: extra damping x mean EK-FAC eigenvalue
     cg_iterations: int = 20         # ekfac+cg: preconditioned CG iterations
+    factor_examples: int = 0        # ekfac, ekfac+cg: fit the factors on this many evenly
+                                    # spaced examples (0 = all; the fit's cost scales with it)
     curvature: str = "hessian"      # or "gauss_newton" (PSD, an approximation)
     # Trainer: "newton" (max_iter, tolerance) or minibatch "adam" / "sgd" (the keys below).
     optimizer: str = "newton"
@@ -146,6 +150,8 @@ class RunConfig:
     data: DataConfig
     seed: int = 0
     dtype: str = "float64"
+    # "cpu", "cuda", "cuda:N" or "auto" (engine.devices.resolve_device, at run time)
+    device: str = "cpu"
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: StageConfig = field(default_factory=StageConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -157,12 +163,20 @@ class RunConfig:
         """JSON-serialisable form (paths as strings, tuples as lists), e.g. for a manifest."""
         return _plain(self)
 
-    def with_overrides(self, scenario: str | None = None, alpha: float | None = None) -> RunConfig:
+    def with_overrides(self, scenario: str | None = None, alpha: float | None = None,
+                       device: str | None = None) -> RunConfig:
         """Copy with command-line overrides applied (None leaves a value as configured).
 
         Raises:
             ConfigError: for an invalid override value.
         """
+        cfg = self
+        if device is not None:
+            cfg = dataclasses.replace(self, device=_Reader("command-line override", None, {})
+                                      .check_device("device", device))
+        return cfg._with_finetune_overrides(scenario, alpha)
+
+    def _with_finetune_overrides(self, scenario: str | None, alpha: float | None) -> RunConfig:
         changes: dict[str, Any] = {}
         r = _Reader("command-line override", "finetune", {})
         if scenario is not None:
@@ -203,13 +217,13 @@ def load_config(path: str | Path) -> RunConfig:
     }
     top = _Reader(name, None, raw)
     for key, value in raw.items():
-        if key in sections or key in ("seed", "dtype"):
+        if key in sections or key in TOP_KEYS:
             continue
         kind = "section" if isinstance(value, dict) else "key"
         shown = f"[{key}]" if kind == "section" else key
         raise ConfigError(
-            f"{name}: unknown {kind} {shown}{_suggest(key, [*sections, 'seed', 'dtype'])} "
-            f"(allowed: seed, dtype, {', '.join(f'[{s}]' for s in sections)})"
+            f"{name}: unknown {kind} {shown}{_suggest(key, [*sections, *TOP_KEYS])} "
+            f"(allowed: {', '.join(TOP_KEYS)}, {', '.join(f'[{s}]' for s in sections)})"
         )
     tables = {}
     for sec in sections:
@@ -224,6 +238,7 @@ def load_config(path: str | Path) -> RunConfig:
     cfg = RunConfig(
         seed=top.get_int("seed", 0, low=0),
         dtype=top.get_choice("dtype", "float64", DTYPES),
+        device=top.check_device("device", top.table.get("device", "cpu")),
         data=_data(tables["data"], base),
         model=_model(tables["model"]),
         pretrain=_stage(tables["pretrain"], StageConfig(), influence.solver),
@@ -359,6 +374,7 @@ def _stage_values(r: _Reader, d: StageConfig, default_solver: str) -> dict[str, 
         fisher=r.get_choice("fisher", d.fisher, FISHER_TYPES),
         relative_damping=r.get_float("relative_damping", d.relative_damping, low=0.0),
         cg_iterations=r.get_int("cg_iterations", d.cg_iterations, low=1),
+        factor_examples=r.get_int("factor_examples", d.factor_examples, low=0),
         curvature=r.get_choice("curvature", d.curvature, CURVATURE_TYPES),
         **_optimizer_values(r, d),
     )
@@ -447,6 +463,14 @@ class _Reader:
     def check_choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in choices:
             self.fail(key, value, f"is not one of {', '.join(choices)}")
+        return value
+
+    def check_device(self, key: str, value: Any) -> str:
+        # The form only: whether the GPU exists is checked when a run starts
+        # (engine.devices.resolve_device), so a config stays valid on another machine.
+        problem = device_problem(value)
+        if problem:
+            self.fail(key, value, problem)
         return value
 
     def get_str(self, key: str, default: str, *, nonempty: bool = False) -> str:

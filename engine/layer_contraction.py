@@ -185,7 +185,7 @@ class LayerContraction:
         self._index = {id(self.params[i]): i for i in self.kinds}
         self.rank = rank
         self.memory_budget = memory_budget
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         self._cap = max(1, memory_budget // (_LIVE * itemsize))
         if self.device.type == "cpu":
             self._cap = min(self._cap, _CHUNK_ELEMENTS)

@@ -40,12 +40,17 @@ class ParamLayout:
     def numel(self) -> int:
         return int(sum(s.numel() for s in self.shapes))
 
-    def flatten(self, module: nn.Module) -> torch.Tensor:
-        """Current values of the layout's parameters as one detached flat vector."""
+    def flatten(self, module: nn.Module, device: torch.device | str | None = None
+                ) -> torch.Tensor:
+        """Current values of the layout's parameters as one detached flat vector.
+
+        ``device``: where an empty layout's empty vector is made (a module without parameters
+        has no device of its own); default the CPU.
+        """
         params = dict(module.named_parameters())
         if not self.names:
             dtype = next(iter(params.values())).dtype if params else torch.get_default_dtype()
-            return torch.zeros(0, dtype=dtype)
+            return torch.zeros(0, dtype=dtype, device=device)
         return torch.cat([params[n].detach().reshape(-1) for n in self.names]).clone()
 
     def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,11 +6,8 @@ task and trained parameters from a finished run with :func:`task_from_run`.
 
 from __future__ import annotations
 
-import datetime as dt
-import importlib.metadata
 import logging
 import math
-import platform
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from engine import artifacts
@@ -32,11 +28,27 @@ from engine.curvature import (
     make_solver,
     pretrain_hessian,
 )
+from engine.curvature.ekfac import check_ekfac_device
 from engine.data import Table, load_run_data
+from engine.devices import DeviceError, resolve_device, to_host
+from engine.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_scalar,
+    gather_rows,
+    guarded,
+)
+from engine.distributed.writing import (
+    RankStaging,
+    open_staging,
+    seal_on_main,
+    write_scores_by_rank,
+)
 from engine.maps import map_coordinates
 from engine.models import build_model
 from engine.pause_points import pause_point
 from engine.progress import Progress, TrainingProgress
+from engine.run_record import RunOutputs, write_outputs
 from engine.scores import InfluenceArguments, compute_scores
 from engine.task import TwoStageTask
 from engine.training import MinibatchSettings, NotConvergedWarning, TwoStageFit, fit_two_stage
@@ -116,10 +128,12 @@ def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedDat
                         list(dict.fromkeys(exclude_ids)), shift, scale)
 
 
-def build_task(data: PreparedData) -> TwoStageTask:
-    """The built-in MLP or CNN two-stage task of a config (modules initialized from the seed)."""
+def build_task(data: PreparedData, device: torch.device | str | None = None) -> TwoStageTask:
+    """The built-in MLP or CNN two-stage task of a config (modules initialized from the seed),
+    with modules and data on ``device`` (default: the config's ``device``, resolved)."""
     cfg = data.cfg
     dtype = DTYPES[cfg.dtype]
+    device = resolve_device(cfg.device if device is None else device)
     torch.manual_seed(cfg.seed)
     m = cfg.model
     backbone, pre_head, ft_head = build_model(
@@ -127,15 +141,16 @@ def build_task(data: PreparedData) -> TwoStageTask:
         len(data.pretrain.classes), len(data.finetune_train.classes),
         architecture=m.architecture, image_shape=cfg.data.image_shape, channels=m.channels,
         kernel_size=m.kernel_size, pool=m.pool)
-    for m in (backbone, pre_head, ft_head):
-        m.to(dtype)
+    for m in (backbone, pre_head, ft_head):   # initialized on the CPU: the same on any device
+        m.to(device=device, dtype=dtype)
     keep = data.keep
 
     def tensors(table: Table, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data.inputs(table), table.y
         if mask is not None:
             x, y = x[mask], y[mask]
-        return torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
+        return (torch.as_tensor(x, dtype=dtype, device=device),
+                torch.as_tensor(y, dtype=torch.long, device=device))
 
     tracked = cfg.influence.tracked_backbone
     return TwoStageTask(
@@ -181,10 +196,10 @@ def predict(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor, y: torch.Tens
     with torch.no_grad():
         out = _by_rows(lambda r: task.finetune_outputs(fit.t, fit.backbone_ft, x[r]), len(x))
         probs = torch.softmax(out, dim=1)
-        return {"probs": probs.numpy(), "pred": probs.argmax(1).numpy(),
-                "loss": task.finetune_loss(out, y).numpy(),
-                "measure": _by_rows(lambda r: task.measure(fit.t, fit.backbone_ft, x[r], y[r]),
-                                    len(x)).numpy()}
+        return {"probs": to_host(probs), "pred": to_host(probs.argmax(1)),
+                "loss": to_host(task.finetune_loss(out, y)),
+                "measure": to_host(_by_rows(lambda r: task.measure(fit.t, fit.backbone_ft, x[r],
+                                                                   y[r]), len(x)))}
 
 
 def select_test_points(cfg: RunConfig, test: Table, correct: np.ndarray) -> np.ndarray:
@@ -206,7 +221,8 @@ def select_test_points(cfg: RunConfig, test: Table, correct: np.ndarray) -> np.n
 
 def stage_solver(stage: StageConfig, seed: int = 0) -> Solver:
     """The curvature solver a stage's config names, with its options."""
-    ekfac = {"fisher": stage.fisher, "relative_damping": stage.relative_damping, "seed": seed}
+    ekfac = {"fisher": stage.fisher, "relative_damping": stage.relative_damping, "seed": seed,
+             "max_examples": stage.factor_examples or None}
     if stage.solver == "ekfac":
         return make_solver("ekfac", **ekfac)
     if stage.solver == "ekfac+cg":
@@ -223,6 +239,9 @@ def check_curvature_settings(cfg: RunConfig, task: TwoStageTask) -> None:
     """Before training: each stage's solver against the size of its curvature (H: n_u + n_w
     variables; A_TT: n_t (fixed) or B: n_t + n_u (updated)), and one curvature batch against
     the memory budget.  Raises a one-line error naming the setting to change."""
+    for stage in ("pretrain", "finetune"):
+        if getattr(cfg, stage).solver.startswith("ekfac"):
+            check_ekfac_device(task.device, f"[{stage}] solver = {getattr(cfg, stage).solver!r}")
     budget = memory_budget(cfg)
     dtype = DTYPES[cfg.dtype]
     nu, nw, nt = task.u_layout.numel, task.w_layout.numel, task.t_layout.numel
@@ -241,36 +260,31 @@ def check_curvature_settings(cfg: RunConfig, task: TwoStageTask) -> None:
                                                              memory_budget=budget))
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "pandas", "pyarrow", "scikit-learn", "umap-learn"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _render_column(cfg: RunConfig, table: Table, rows: np.ndarray) -> dict[str, Any]:
-    if cfg.data.render == "image":
-        return {"pixels": [r.astype(np.float32) for r in table.X[rows]]}
-    if cfg.data.render == "text" and cfg.data.text_column:
-        return {"text": table.frame[cfg.data.text_column].to_numpy()[rows]}
-    return {}
-
-
-def _render_spec(cfg: RunConfig) -> dict[str, Any]:
-    if cfg.data.render == "image":
-        return {"kind": "image", "column": "pixels", "shape": list(cfg.data.image_shape)}
-    if cfg.data.render == "text":
-        return {"kind": "text", "column": "text"}
-    return {"kind": "none"}
+def run_device(cfg: RunConfig, world: DistContext | None = None) -> torch.device:
+    """The device of a run of ``cfg`` (``device``, resolved for this rank of ``world``); a
+    device that is not there raises :class:`~engine.devices.DeviceError` naming the file."""
+    try:
+        return resolve_device(cfg.device, world)
+    except DeviceError as exc:
+        raise DeviceError(f"{cfg.path}: {exc}") from None
 
 
 def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = None,
         alpha: float | None = None, exclude_ids: Sequence[str] = (), overwrite: bool = False,
-        echo: Callable[[str], None] = print) -> Path:
-    """Train, evaluate, score and map; write the run atomically to ``out_dir``."""
+        echo: Callable[[str], None] = print, world: DistContext | None = None,
+        device: str | None = None) -> Path:
+    """Train, evaluate, score and map; write the run atomically to ``out_dir``.
+
+    ``device`` overrides the config's ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
+
+    ``world`` (:func:`engine.distributed.init_from_env` under ``torchrun``): every rank calls
+    this with the same arguments; sums over pretraining examples are all-reduced, each rank
+    scores and writes its own pretraining examples, rank 0 alone prints, writes the manifest
+    and swaps the run into place (see :mod:`engine.distributed.writing`).
+    """
+    world = world or SINGLE
+    if not world.is_main:
+        echo = _quiet
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -278,20 +292,21 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
         timings[name] = round(time.perf_counter() - start, 3)
 
     t0 = time.perf_counter()
-    cfg = load_config(config_path).with_overrides(scenario=scenario, alpha=alpha)
+    cfg = load_config(config_path).with_overrides(scenario=scenario, alpha=alpha, device=device)
+    run_on = run_device(cfg, world)   # before the data: a missing GPU fails at once
     data = prepare_data(cfg, exclude_ids)
-    task = build_task(data)
+    task = build_task(data, run_on)
     # Everything that can be checked is checked before training: each stage's solver against
     # its curvature's size and the memory budget, the test-point selection and the destination
     # (which is staged now, so an unwritable --out fails at once).
     check_curvature_settings(cfg, task)
     if not isinstance(cfg.influence.test_points, str):
         select_test_points(cfg, data.finetune_test, np.ones(len(data.finetune_test), bool))
-    staging = artifacts.open_destination(out_dir, overwrite, echo)
+    staging = open_staging(world, out_dir, overwrite, echo)
     with staging:
         try:
             return _run(cfg, config_path, data, task, staging, overwrite, echo, timings, t0,
-                        t_all, phase)
+                        t_all, phase, world)
         except KeyboardInterrupt:
             if staging.path == staging.dest:      # the signal arrived right after the swap
                 raise KeyboardInterrupt(f"the run was written completely to {staging.dest}"
@@ -300,21 +315,27 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
                                     ) from None
 
 
+def _quiet(_: str) -> None:
+    """The echo of ranks other than 0 (rank 0 speaks for the run)."""
+
+
 def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoStageTask,
-         staging: artifacts.Staging, overwrite: bool, echo: Callable[[str], None],
-         timings: dict[str, float], t0: float, t_all: float,
-         phase: Callable[[str, float], None]) -> Path:
+         staging: artifacts.Staging | RankStaging, overwrite: bool,
+         echo: Callable[[str], None], timings: dict[str, float], t0: float, t_all: float,
+         phase: Callable[[str, float], None], world: DistContext) -> Path:
+    main = world.is_main
     phase("load", t0)
     echo(f"data: {int(data.keep.sum())} pretraining examples "
          f"({len(data.excluded_ids)} excluded), {len(data.finetune_train)} finetuning, "
          f"{len(data.finetune_test)} test; {task.u_layout.numel + task.w_layout.numel} "
-         f"pretraining parameters, scenario {task.scenario}")
+         f"pretraining parameters, scenario {task.scenario}"
+         + (f"; {world.world_size} ranks ({world.backend})" if world.distributed else ""))
 
     t0 = time.perf_counter()
     pause_point("training")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NotConvergedWarning)
-        fit = train(task, cfg, monitor=TrainingProgress())
+        fit = train(task, cfg, monitor=TrainingProgress() if main else None, world=world)
     for w in caught:
         echo(f"WARNING: {w.message}")
     timings["pretrain"] = round(fit.pretrain.seconds, 3)
@@ -324,16 +345,19 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
 
     t0 = time.perf_counter()
     dtype = DTYPES[cfg.dtype]
-    x_test = torch.as_tensor(data.inputs(data.finetune_test), dtype=dtype)
-    y_test = torch.as_tensor(data.finetune_test.y, dtype=torch.long)
+    x_test = torch.as_tensor(data.inputs(data.finetune_test), dtype=dtype, device=task.device)
+    y_test = torch.as_tensor(data.finetune_test.y, dtype=torch.long, device=task.device)
     pred = predict(task, fit, x_test, y_test)
     correct = pred["pred"] == data.finetune_test.y
     pre_x, pre_y = task.pretrain_data
+    # Per-example outputs on this rank's own pretraining examples; rank 0 gathers them.
+    shard = world.shard(len(pre_x))
+    own_x, own_y = pre_x[shard.rows], pre_y[shard.rows]
     with torch.no_grad():
-        pre_out = _by_rows(lambda r: task.pretrain_outputs(fit.backbone_pre, fit.w, pre_x[r]),
-                           len(pre_x))
-        pre_losses = task.pretrain_loss(pre_out, pre_y).numpy()
-        pre_acc = float((pre_out.argmax(1) == pre_y).double().mean())
+        pre_out = _by_rows(lambda r: task.pretrain_outputs(fit.backbone_pre, fit.w, own_x[r]),
+                           len(own_x))
+        pre_losses = gather_rows(task.pretrain_loss(pre_out, own_y), world, shard)
+        pre_acc = all_reduce_scalar(int((pre_out.argmax(1) == own_y).sum()), world) / len(pre_x)
         ft_x, ft_y = task.finetune_data
         ft_acc = float((task.finetune_outputs(fit.t, fit.backbone_ft, ft_x).argmax(1) == ft_y)
                        .double().mean())
@@ -357,7 +381,8 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
          f"(solver {solvers}{rank})")
     pause_point("scoring")
     scores = compute_scores(task, fit, x_test[rows], y_test[rows], args,
-                            progress=Progress("per-example gradients"))
+                            progress=Progress("per-example gradients") if main else None,
+                            world=world)
     timings.update({k: round(v, 3) for k, v in scores.timings.items()})
     if scores.settings["approximation"]:
         echo(f"NOTE: {scores.settings['approximation']}")
@@ -365,77 +390,47 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        f_pre = _by_rows(lambda r: task.features(fit.backbone_pre, pre_x[r]), len(pre_x)).numpy()
-        x_rows = x_test[rows]
-        f_test = _by_rows(lambda r: task.features(fit.backbone_pre, x_rows[r]),
-                          len(x_rows)).numpy()
-    echo(f"map: {cfg.map.method} of backbone features")
-    pre_xy, test_xy = map_coordinates(f_pre, f_test, method=cfg.map.method,
-                                      n_neighbors=cfg.map.n_neighbors,
-                                      min_dist=cfg.map.min_dist, seed=cfg.seed)
+        f_pre = gather_rows(_by_rows(lambda r: task.features(fit.backbone_pre, own_x[r]),
+                                     len(own_x)), world, shard)
+    pre_xy = test_xy = None
+    with guarded(world, "computing the map"):
+        if main:    # one map of all examples, on rank 0
+            with torch.no_grad():
+                x_rows = x_test[rows]
+                f_test = to_host(_by_rows(lambda r: task.features(fit.backbone_pre, x_rows[r]),
+                                          len(x_rows)))
+            echo(f"map: {cfg.map.method} of backbone features")
+            pre_xy, test_xy = map_coordinates(to_host(f_pre), f_test, method=cfg.map.method,
+                                              n_neighbors=cfg.map.n_neighbors,
+                                              min_dist=cfg.map.min_dist, seed=cfg.seed)
     phase("map", t0)
+    score_arrays = {name: to_host(getattr(scores, name)) for name in artifacts.SCORE_NAMES}
+    if world.distributed:   # every rank writes its own columns into rank 0's score files
+        write_scores_by_rank(world, staging, shard, len(rows), score_arrays)
+    if not main:
+        return seal_on_main(world, staging, lambda: staging.dest)
+    outputs = RunOutputs(fit, scores, rows, pred, correct, pre_losses, pre_acc, ft_acc, pre_xy,
+                         test_xy)
 
-    t0 = time.perf_counter()
-    test = data.finetune_test
-    probs = pred["probs"][rows]
-    test_df = pd.DataFrame({
-        "test_id": test.ids[rows], "label": test.y[rows], "pred": pred["pred"][rows],
-        "loss": pred["loss"][rows], "measurement": pred["measure"][rows],
-        "correct": correct[rows], "confidence": probs.max(1),
-        **{f"prob_{c}": probs[:, c] for c in range(probs.shape[1])},
-        **_render_column(cfg, test, rows)})
-    keep_rows = np.flatnonzero(data.keep)
-    pre_frame = data.pretrain.frame.iloc[keep_rows].reset_index(drop=True)
-    meta = {c: pre_frame[c].to_numpy() for c in cfg.data.metadata_columns}
-    pre_df = pd.DataFrame({
-        "example_id": data.pretrain.ids[keep_rows], "label": data.pretrain.y[keep_rows],
-        **meta, "pretrain_loss": pre_losses, **_render_column(cfg, data.pretrain, keep_rows)})
-    n_mis = int((~correct).sum())
-    manifest = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-        "config_path": str(Path(config_path).resolve()),
-        "scenario": task.scenario,
-        "alpha": task.alpha if task.scenario == "updated" else None,
-        "measurement": scores.settings["measurement"],
-        "tracked_backbone": scores.settings["tracked_backbone"],
-        "approximation": scores.settings["approximation"],
-        "scoring": scores.settings["scoring"],
-        "stages": {
-            "pretrain": {**scores.settings["pretrain"], **fit.pretrain.summary()},
-            "finetune": {**scores.settings["finetune"], **fit.finetune.summary()},
-        },
-        "metrics": {
-            "test_accuracy": float(correct.mean()), "n_test": int(len(correct)),
-            "n_misclassified": n_mis, "n_scored": int(len(rows)),
-            "pretrain_train_accuracy": pre_acc, "finetune_train_accuracy": ft_acc,
-        },
-        "classes": {"pretrain": [str(c) for c in data.pretrain.classes],
-                    "finetune": [str(c) for c in data.finetune_train.classes]},
-        "render": _render_spec(cfg),
-        "excluded_ids": data.excluded_ids,
-        "input_hashes": {k: artifacts.sha256_file(Path(getattr(cfg.data, k)))
-                         for k in ("pretrain", "finetune_train", "finetune_test")},
-        "versions": _versions(),
-        "timings": timings,
-    }
-    model_arrays = {"backbone_pre": fit.backbone_pre.numpy(), "w": fit.w.numpy(),
-                    "backbone_ft": fit.backbone_ft.numpy(), "t": fit.t.numpy()}
-    timings["total"] = round(time.perf_counter() - t_all, 3)
-    path = artifacts.write_run(
-        staging.dest, manifest, test_df, pre_df,
-        {"total": scores.total.numpy(), "pretrained_term": scores.pretrained_term.numpy(),
-         "finetuned_term": scores.finetuned_term.numpy()},
-        pre_xy, test_xy, overwrite=overwrite, model_arrays=model_arrays, staging=staging)
+    def seal() -> Path:
+        timings["total"] = round(time.perf_counter() - t_all, 3)
+        return write_outputs(cfg, config_path, data, task, outputs,
+                             None if world.distributed else score_arrays, staging, overwrite,
+                             timings, world)
+
+    path = seal_on_main(world, staging, seal) if world.distributed else seal()
     echo(f"wrote {path} in {time.perf_counter() - t_all:.1f}s: test accuracy "
-         f"{correct.mean():.3f}, {n_mis} of {len(correct)} test points misclassified; "
-         "time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()
-                                        if k != "total"))
+         f"{correct.mean():.3f}, {int((~correct).sum())} of {len(correct)} test points "
+         "misclassified; time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()
+                                                      if k != "total"))
     return path
 
 
-def task_from_run(run: artifacts.Run) -> tuple[PreparedData, TwoStageTask, TwoStageFit]:
-    """Rebuild a finished run's task and trained parameters (for validation retraining).
+def task_from_run(run: artifacts.Run, device: torch.device | str = "cpu"
+                  ) -> tuple[PreparedData, TwoStageTask, TwoStageFit]:
+    """Rebuild a finished run's task and trained parameters (for validation retraining), on
+    ``device``: the CPU by default, whatever device made the run (``engine.validation``'s
+    retrains build CPU tensors).
 
     Refuses when the input files changed since the run was made.
     """
@@ -447,10 +442,10 @@ def task_from_run(run: artifacts.Run) -> tuple[PreparedData, TwoStageTask, TwoSt
                 f"input file {getattr(cfg.data, key)} changed since run {run.path} was made; "
                 "re-run `python -m engine run` first")
     data = prepare_data(cfg, run.manifest.get("excluded_ids", []))
-    task = build_task(data)
+    task = build_task(data, device)
     arrays = artifacts.load_model_arrays(run)
     dtype = DTYPES[cfg.dtype]
-    fit = TwoStageFit(*(torch.as_tensor(arrays[k], dtype=dtype)
+    fit = TwoStageFit(*(torch.as_tensor(arrays[k], dtype=dtype, device=task.device)
                         for k in ("backbone_pre", "w", "backbone_ft", "t")))
     return data, task, fit
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from engine.autodiff import differentiable_attention, is_forward_ad_error
 from engine.config import SCORING_METHODS
@@ -40,16 +40,28 @@ from engine.curvature import (
     pretrain_hessian,
 )
 from engine.curvature.gauss_newton import CURVATURE_TYPES, gauss_newton
-from engine.layer_capture import LayerPlan, layer_plan
-from engine.layer_contraction import (
-    DEFAULT_MEMORY_BUDGET,
-    LayerContraction,
-    matches_reference,
+from engine.distributed import DistContext, Shard, guarded
+from engine.layer_contraction import DEFAULT_MEMORY_BUDGET
+from engine.scoring_methods import (
+    COVARIANCE_EXAMPLES,
+    POSITION_HEAVY_FLOPS_PER_PARAM,
+    _auto_method,
+    _layer_plan,
+    _PretrainLosses,
+    per_example_gradient_blocks,
+    per_example_gradients,
 )
 from engine.task import TwoStageTask
 from engine.training import TwoStageFit
 
 log = logging.getLogger(__name__)
+
+__all__ = [   # the per-example gradient helpers live in engine.scoring_methods
+    "COVARIANCE_EXAMPLES", "POSITION_HEAVY_FLOPS_PER_PARAM", "Directions", "InfluenceArguments",
+    "InfluenceScores", "ScoringError", "compute_scores", "influence_directions",
+    "low_rank_note", "per_example_gradient_blocks", "per_example_gradients",
+    "score_pretraining", "test_gradients",
+]
 
 
 class ScoringError(ValueError):
@@ -82,13 +94,18 @@ class InfluenceArguments:
 
 @dataclass
 class InfluenceScores:
-    """Score matrices of shape ``(n_test, n_pretrain)`` and the settings that produced them."""
+    """Score matrices of shape ``(n_test, n_pretrain)`` and the settings that produced them.
+
+    In a data-parallel run the columns are this rank's pretraining examples only:
+    ``pretrain_rows`` = ``[lo, hi)`` (``None``: every example).
+    """
 
     total: torch.Tensor
     pretrained_term: torch.Tensor
     finetuned_term: torch.Tensor
     settings: dict[str, Any]
     timings: dict[str, float]
+    pretrain_rows: tuple[int, int] | None = None
 
 
 @dataclass
@@ -138,10 +155,13 @@ def _as(kind: str, op: Curvature) -> Curvature:
 def influence_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
                          y_test: torch.Tensor, args: InfluenceArguments,
                          timings: dict[str, float] | None = None,
-                         info: dict[str, Any] | None = None) -> Directions:
+                         info: dict[str, Any] | None = None,
+                         world: DistContext | None = None) -> Directions:
     """Sensitivities s_pre, s_ft (finetuning-stage solves) and r = H^{-1}[s; 0] (2K columns).
 
     ``info`` (if given) receives ``cross_term``: how ``A_UT`` was applied (fixed scenario).
+    ``world`` (several ranks): H's products are summed over the ranks' shards; the finetuning
+    stage and the solves run redundantly on every rank, which all return the same directions.
     """
     timings = {} if timings is None else timings
     info = {} if info is None else info
@@ -176,172 +196,13 @@ def influence_directions(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Ten
     t0 = time.perf_counter()
     h = _as(args.pretrain_curvature,
             pretrain_hessian(task, fit, args.curvature_batch_size, args.reuse_training_curvature,
-                             budget))
+                             budget, world=world))
     nw = task.w_layout.numel
     s = torch.cat([s_pre, s_ft], 1)
-    rhs = torch.cat([s, torch.zeros(nw, 2 * k, dtype=s.dtype)], 0)
+    rhs = torch.cat([s, torch.zeros(nw, 2 * k, dtype=s.dtype, device=s.device)], 0)
     r = args.pretrain_solver.solve(h, rhs, args.pretrain_damping)
     timings["pretrain_solve"] = timings.get("pretrain_solve", 0.0) + time.perf_counter() - t0
     return Directions(s_pre, s_ft, r[:, :k], r[:, k:])
-
-
-class _PretrainLosses:
-    """Per-example pretraining losses as a function of the tracked tensors ``[U blocks, W blocks]``.
-
-    ``params`` holds the tracked tensors at (U*, W*), in the order of the rows of the directions
-    (``u_layout`` names, then ``w_layout`` names); untracked backbone tensors stay at U*.
-    """
-
-    def __init__(self, task: TwoStageTask, fit: TwoStageFit) -> None:
-        self.task = task
-        base = fit.backbone_pre
-        self.base_params = task.backbone_layout.unflatten(base)
-        self.u_names, self.w_names = task.u_layout.names, task.w_layout.names
-        self.params = [*task.u_layout.unflatten(task.tracked(base)).values(),
-                       *task.w_layout.unflatten(fit.w).values()]
-
-    def __call__(self, params: Sequence[torch.Tensor], x: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
-        nu = len(self.u_names)
-        u_p = dict(zip(self.u_names, params[:nu], strict=True))
-        w_p = dict(zip(self.w_names, params[nu:], strict=True))
-        feats = functional_call(self.task.backbone, {**self.base_params, **u_p}, (x,))
-        return self.task.pretrain_loss(functional_call(self.task.pretrain_head, w_p, (feats,)), y)
-
-    def gradient_blocks(self, x: torch.Tensor, y: torch.Tensor,
-                        which: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """Per-example gradients, one ``(batch, numel)`` block per tracked tensor in ``which``.
-
-        Differentiating w.r.t. named tensors (not slices of one flat vector) matters: the backward
-        of a slice zero-fills and adds a full (batch, n_params) buffer per parameter tensor.
-        """
-        which = list(range(len(self.params))) if which is None else list(which)
-
-        def loss_single(sub: list[torch.Tensor], xj: torch.Tensor,
-                        yj: torch.Tensor) -> torch.Tensor:
-            full = list(self.params)
-            for i, t in zip(which, sub, strict=True):
-                full[i] = t
-            return self(full, xj[None], yj[None]).sum()
-
-        grads = vmap(grad(loss_single), in_dims=(None, 0, 0))(
-            [self.params[i] for i in which], x, y)
-        return [g.reshape(len(x), -1) for g in grads]
-
-
-def per_example_gradient_blocks(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
-                                y: torch.Tensor) -> list[torch.Tensor]:
-    """grad_{U,W} l_pre(z_j) for a batch, one (batch, numel) block per parameter tensor."""
-    return _PretrainLosses(task, fit).gradient_blocks(x, y)
-
-
-def per_example_gradients(task: TwoStageTask, fit: TwoStageFit, x: torch.Tensor,
-                          y: torch.Tensor) -> torch.Tensor:
-    """grad_{U,W} l_pre(z_j) for a batch of pretraining examples, shape (batch, n_u + n_w)."""
-    return torch.cat(per_example_gradient_blocks(task, fit, x, y), 1)
-
-
-# Examples used to estimate the layer covariances of a rank-r scoring pass (evenly spaced).
-COVARIANCE_EXAMPLES = 4096
-
-
-def _layer_plan(losses: _PretrainLosses, r_blocks: Sequence[torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor, rank: int | None, batch_size: int,
-                memory_budget: int = DEFAULT_MEMORY_BUDGET
-                ) -> tuple[LayerContraction | None, LayerPlan | None, str]:
-    """The layerwise contraction for the tensors only linear/conv2d/embedding layers use,
-    checked on 4 examples against ``vmap(grad)`` per-example gradients.
-
-    Returns (contraction or None, the plan (``plan.other`` minus ``plan.unused`` is left for
-    per-example gradients), why-not message).
-    """
-    probe_x, probe_y = x[:4], y[:4]
-    plan = layer_plan(losses, losses.params, probe_x, probe_y)
-    if not plan.kinds:
-        return None, plan, "no tracked tensor is used only by linear, conv2d or embedding layers"
-    # Check the plan on random directions against vmap(grad) per-example gradients; tensors the
-    # forward pass never touches are checked to have zero gradients.
-    checked = sorted(plan.kinds) + plan.unused
-    gen = torch.Generator().manual_seed(0)
-    check_dirs = [torch.randn(b.shape[0], 3, generator=gen, dtype=b.dtype) for b in r_blocks]
-    check = LayerContraction(losses, losses.params, check_dirs, plan.kinds,
-                             memory_budget=memory_budget)
-    blocks = losses.gradient_blocks(probe_x, probe_y, checked)
-    reference = sum(g @ check_dirs[i] for g, i in zip(blocks, checked, strict=True))
-    if not matches_reference(check, reference, probe_x, probe_y):
-        return None, plan, ("the layers' inputs and output gradients do not reproduce the "
-                            "per-example gradients (the model may not be batch-first)")
-    cov_rows = torch.linspace(0, len(x) - 1, min(len(x), COVARIANCE_EXAMPLES)).round().long()
-    return LayerContraction(losses, losses.params, r_blocks, plan.kinds, rank,
-                            covariance_data=(x[cov_rows], y[cov_rows]), batch_size=batch_size,
-                            memory_budget=memory_budget), plan, ""
-
-
-# Flops per example of the supported layers per parameter of theirs above which a model is
-# "position-heavy" (each weight is applied at many positions: conv nets ~170-300, transformers
-# 10-25; vector MLPs ~2, embedding models < 1): with tensors left to per-example gradients,
-# "auto" then prefers "gradients" to "layerwise" (benchmarks/engine_bench.py --grid).
-POSITION_HEAVY_FLOPS_PER_PARAM = 4.0
-
-
-def _auto_method(losses: _PretrainLosses, contraction: LayerContraction | None,
-                 plan: LayerPlan | None, rest: Sequence[int], columns: int,
-                 jvp_max_columns: int, rank: int | None, why_not: str, batch_size: int,
-                 memory_budget: int) -> tuple[str, str]:
-    """The scoring method ``"auto"`` runs, and why.
-
-    Measured with ``benchmarks/engine_bench.py --grid`` (README, "Engine speed and memory"):
-
-    * ``direction_rank`` set: ``"layerwise"`` (rank-r directions need it).
-    * Every tracked tensor a linear/conv2d/embedding layer's: ``"layerwise"``: fastest from
-      K = 8 on MLPs (2-4x ahead of ``"gradients"``) and at every K on embedding models (up to
-      100x: their per-example gradients are huge), tied with ``"gradients"`` on CNNs (within
-      +-15%, either way in repeated runs) with memory bounded by the budget, within ~20% of
-      ``"jvp"`` at K = 1.
-    * Some tensors left to per-example gradients (LayerNorm, GroupNorm, learned positions):
-      layerwise then runs the network twice (its pass, and ``vmap(grad)`` for those tensors).
-      That pays on models that are not position-heavy (vector MLPs, embeddings: at most
-      :data:`POSITION_HEAVY_FLOPS_PER_PARAM` flops per parameter per example in the supported
-      layers), where per-example weight gradients are expensive: ``"layerwise"`` (3.6x ahead of
-      ``"gradients"`` at K = 8 on an MLP with LayerNorm).  On position-heavy models (conv nets
-      with normalization layers, transformers) per-example gradients are cheap next to the
-      activations and ``"gradients"`` was 1.1-1.8x faster, so ``"gradients"``, unless its
-      per-batch gradient block (``batch_size x parameters``) exceeds ``memory_budget``.
-    * No layerwise plan (no supported layer, or the plan failed its check): ``"jvp"`` up to
-      ``jvp_max_columns`` columns (2K) on models that are not position-heavy (2-16x ahead of
-      per-example gradients at K <= 8 on MLPs, behind at K = 32), else ``"gradients"`` (forward
-      mode costs 2K forward passes: 5-70x slower on conv nets from K = 8).
-    """
-    supported = list(plan.kinds) if plan is not None else []
-    p_sup = sum(losses.params[i].numel() for i in supported)
-    per_param = plan.flops_per_example() / p_sup if plan is not None and p_sup else 0.0
-    heavy = per_param > POSITION_HEAVY_FLOPS_PER_PARAM
-    shape = (f"{per_param:.1f} flops per parameter per example in the linear/conv2d/embedding "
-             "layers")
-    if contraction is not None and rank is not None:
-        return "layerwise", "direction_rank is set (rank-r directions need the layerwise pass)"
-    if contraction is not None and not rest:
-        return "layerwise", "every tracked tensor is a linear, conv2d or embedding layer's"
-    if contraction is not None:
-        if not heavy:
-            return "layerwise", (f"{len(rest)} tensors need per-example gradients, but the "
-                                 f"model is not position-heavy ({shape})")
-        itemsize = losses.params[0].element_size()
-        block = batch_size * sum(p.numel() for p in losses.params) * itemsize
-        if block > memory_budget:
-            return "layerwise", (f"{len(rest)} tensors need per-example gradients and the "
-                                 f"model is position-heavy ({shape}), but a batch of "
-                                 f"per-example gradients ({block / 2**30:.2f} GiB) exceeds the "
-                                 f"memory budget ({memory_budget / 2**30:.2f} GiB)")
-        return "gradients", (f"{len(rest)} tensors need per-example gradients and the model is "
-                             f"position-heavy ({shape}): one pass of per-example gradients "
-                             "beats layerwise plus a second pass")
-    reason = why_not or "no layerwise plan"
-    if heavy:
-        return "gradients", f"{reason}; position-heavy ({shape})"
-    if columns <= jvp_max_columns:
-        return "jvp", f"{reason}; {columns} columns <= {jvp_max_columns}: forward mode"
-    return "gradients", f"{reason}; {columns} columns > {jvp_max_columns}"
 
 
 @differentiable_attention()
@@ -351,9 +212,14 @@ def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directio
                       method: str = "auto", jvp_max_columns: int = 32,
                       direction_rank: int | None = None,
                       info: dict[str, Any] | None = None,
-                      memory_budget: int = DEFAULT_MEMORY_BUDGET
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                      rows: Shard | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream the pretraining data and return (pretrained_term, finetuned_term), (K, M).
+
+    ``rows`` (a data-parallel rank's shard): score only pretraining examples ``[lo, hi)``;
+    the result is then ``(K, hi - lo)``.  The scores are divided by the full M either way, and
+    the method choice and layer plan use the same (first, evenly spaced) examples on every rank.
 
     ``score[t, j] = r(t) . grad l(z_j) / M`` is the directional derivative of l(z_j) along r(t):
 
@@ -421,19 +287,21 @@ def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directio
             info["per_example_gradient_names"] = {names[i]: plan.reasons[i] for i in rest}
             if contraction.low_rank is not None:
                 info["direction_rank"] = asdict(contraction.low_rank)
-    out = torch.empty(m, 2 * k, dtype=r.dtype)
-    for start in range(0, m, batch_size):
-        sl = slice(start, min(start + batch_size, m))
+    lo, hi = (0, m) if rows is None else (rows.lo, rows.hi)
+    out = torch.empty(hi - lo, 2 * k, dtype=r.dtype, device=r.device)
+    for start in range(lo, hi, batch_size):
+        sl = slice(start, min(start + batch_size, hi))
         xb, yb = x[sl], y[sl]
+        dst = slice(sl.start - lo, sl.stop - lo)
         if method == "jvp":
             def batch_losses(*params: torch.Tensor, xb=xb, yb=yb) -> torch.Tensor:
                 return losses(params, xb, yb)
 
             try:
-                out[sl] = vmap(lambda *v, f=batch_losses: jvp(f, tuple(losses.params), v)[1],
-                               in_dims=0, out_dims=1)(*r_views)
+                out[dst] = vmap(lambda *v, f=batch_losses: jvp(f, tuple(losses.params), v)[1],
+                                in_dims=0, out_dims=1)(*r_views)
             except (NotImplementedError, RuntimeError) as exc:
-                if start > 0 or not is_forward_ad_error(exc):
+                if start > lo or not is_forward_ad_error(exc):
                     raise
                 # An operator of the model has no forward-mode rule: per-example gradients.
                 log.warning("jvp scoring unavailable (%s): using per-example gradients",
@@ -446,23 +314,31 @@ def score_pretraining(task: TwoStageTask, fit: TwoStageFit, directions: Directio
                     info["per_example_gradient_tensors"] = len(rest)
         if method != "jvp":
             acc = contraction(xb, yb) if contraction is not None else torch.zeros(
-                sl.stop - sl.start, 2 * k, dtype=r.dtype)
+                sl.stop - sl.start, 2 * k, dtype=r.dtype, device=r.device)
             if rest:
                 for g, i in zip(losses.gradient_blocks(xb, yb, rest), rest, strict=True):
                     acc.addmm_(g, r_blocks[i])
-            out[sl] = acc
+            out[dst] = acc
         # A NaN/inf anywhere in an example's gradient makes its row of the product non-finite.
-        _check_finite("pretraining score", out[sl], "pretraining example", offset=start)
+        _check_finite("pretraining score", out[dst], "pretraining example", offset=start)
         if progress is not None:
-            progress(sl.stop, m)
+            progress(sl.stop - lo, hi - lo)
     return out[:, :k].T.contiguous(), out[:, k:].T.contiguous()
 
 
 @differentiable_attention()
 def compute_scores(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
                    y_test: torch.Tensor, args: InfluenceArguments | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> InfluenceScores:
-    """Influence of every pretraining example on every test point, split into two terms."""
+                   progress: Callable[[int, int], None] | None = None,
+                   world: DistContext | None = None) -> InfluenceScores:
+    """Influence of every pretraining example on every test point, split into two terms.
+
+    ``world`` (a data-parallel run, :mod:`engine.distributed`): the pretraining Hessian's sums
+    are reduced over the ranks, and each rank scores its own shard of the pretraining examples
+    (``InfluenceScores.pretrain_rows``).  The scoring pass makes no collective call; a rank
+    that fails in it fails every rank with a :class:`~engine.distributed.RankFailedError`
+    naming it.
+    """
     args = args or InfluenceArguments()
     if len(x_test) == 0:
         raise ScoringError("no test points to score")
@@ -470,12 +346,17 @@ def compute_scores(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
         raise ScoringError(f"{len(x_test)} test inputs but {len(y_test)} test targets")
     timings: dict[str, float] = {}
     curvature_info: dict[str, Any] = {}
-    directions = influence_directions(task, fit, x_test, y_test, args, timings, curvature_info)
+    directions = influence_directions(task, fit, x_test, y_test, args, timings, curvature_info,
+                                      world=world)
     t0 = time.perf_counter()
     scoring: dict[str, Any] = {}
-    pre, ft = score_pretraining(task, fit, directions, args.batch_size, progress,
-                                method=args.scoring_method, direction_rank=args.direction_rank,
-                                info=scoring, memory_budget=args.memory_budget)
+    shard = world.shard(task.n_pretrain) if world is not None and world.distributed else None
+    with guarded(world or DistContext(), "scoring its pretraining examples"
+                 if shard is None else f"scoring pretraining examples [{shard.lo}, {shard.hi})"):
+        pre, ft = score_pretraining(task, fit, directions, args.batch_size, progress,
+                                    method=args.scoring_method,
+                                    direction_rank=args.direction_rank, info=scoring,
+                                    memory_budget=args.memory_budget, rows=shard)
     timings["scoring"] = time.perf_counter() - t0
     stage_notes = [f"{stage} stage: {solver.describe()['approximation']}"
                    for stage, solver in (("pretraining", args.pretrain_solver),
@@ -500,8 +381,10 @@ def compute_scores(task: TwoStageTask, fit: TwoStageFit, x_test: torch.Tensor,
         "tracked_backbone": list(task.u_layout.names) if task.approximation else "all",
         "approximation": "; ".join(notes) if notes else None,
         "score_convention": SCORE_CONVENTION,
+        "device": str(task.device),   # where it was computed (the scores are there too)
     }
-    return InfluenceScores(pre + ft, pre, ft, settings, timings)
+    return InfluenceScores(pre + ft, pre, ft, settings, timings,
+                           None if shard is None else (shard.lo, shard.hi))
 
 
 def low_rank_note(scoring: dict[str, Any]) -> str | None:

@@ -80,6 +80,10 @@ class TwoStageTask:
     ``measurement`` is the quantity whose change is scored, always oriented so that higher is
     worse: ``"loss"`` (the finetuning loss), ``"margin"`` (minus the true-class margin),
     ``"log_prob"`` (minus the log-probability of the true class), or a callable like a loss.
+
+    Modules and data must be on one device (:attr:`device`; put them there with ``.to``,
+    e.g. ``engine.devices.resolve_device("auto")``): training, solvers and scoring create
+    their tensors on it.  Results stay there; copy them to the CPU to save them.
     """
 
     backbone: nn.Module
@@ -117,6 +121,7 @@ class TwoStageTask:
                 raise TaskError(f"{name} is empty: a stage needs at least one training example")
             if len(x) != len(y):
                 raise TaskError(f"{name}: {len(x)} inputs but {len(y)} targets")
+        self._check_devices()
         self.backbone_layout = ParamLayout.of(self.backbone)
         self.u_layout = ParamLayout.of(self.backbone, self.tracked_backbone)
         if self.u_layout.numel == 0:
@@ -127,7 +132,27 @@ class TwoStageTask:
             raise TaskError("the finetuning head has no parameters")
         self._check_shapes()
 
-    # ----- shape checks -------------------------------------------------------------------
+    # ----- device and shape checks --------------------------------------------------------
+    def _check_devices(self) -> None:
+        """Modules and data on one device: the engine creates its work arrays there too."""
+        found: dict[str, torch.device] = {}
+        for name, module in (("backbone", self.backbone), ("pretrain_head", self.pretrain_head),
+                             ("finetune_head", self.finetune_head)):
+            for tensor in (*module.parameters(), *module.buffers()):
+                found.setdefault(name, tensor.device)
+                if tensor.device != found[name]:
+                    raise TaskError(f"{name} has tensors on {found[name]} and on "
+                                    f"{tensor.device}; move the module with .to(device)")
+        for name, (x, y) in (("pretrain_data", self.pretrain_data),
+                             ("finetune_data", self.finetune_data)):
+            found[f"{name} inputs"], found[f"{name} targets"] = x.device, y.device
+        devices = set(found.values())
+        if len(devices) > 1:
+            where = ", ".join(f"{k} on {v}" for k, v in found.items())
+            raise TaskError(f"the task's modules and data must be on one device, found {where}; "
+                            "move them with .to(device) (engine.devices.resolve_device turns a "
+                            "'cpu' / 'cuda' / 'auto' setting into a device)")
+
     def _check_shapes(self) -> None:
         x_pre, y_pre = self.pretrain_data
         x_ft, y_ft = self.finetune_data
@@ -161,6 +186,12 @@ class TwoStageTask:
         return next(self.backbone.parameters()).dtype
 
     @property
+    def device(self) -> torch.device:
+        """Where the modules and data are (checked to be one device): every tensor the engine
+        creates for this task (solver work arrays, scores) is created there."""
+        return next(self.backbone.parameters()).device
+
+    @property
     def n_pretrain(self) -> int:
         return len(self.pretrain_data[0])
 
@@ -182,9 +213,9 @@ class TwoStageTask:
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat (backbone, w, t) of the modules' current parameters: the training start."""
-        return (self.backbone_layout.flatten(self.backbone),
-                self.w_layout.flatten(self.pretrain_head),
-                self.t_layout.flatten(self.finetune_head))
+        return (self.backbone_layout.flatten(self.backbone, self.device),
+                self.w_layout.flatten(self.pretrain_head, self.device),
+                self.t_layout.flatten(self.finetune_head, self.device))
 
     # ----- functional evaluation -----------------------------------------------------------
     # ``ub`` is always a FULL backbone vector; ``u``, when given, overrides its tracked part.

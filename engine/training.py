@@ -35,10 +35,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch.func import functional_call
 
+from engine.distributed import DistContext
+from engine.objectives import (
+    StochasticObjective,
+    finetune_objective,
+    finetune_stochastic_objective,
+    pretrain_objective,
+    pretrain_stochastic_objective,
+)
 from engine.task import TwoStageTask
 from engine.trust_region import DenseCurvature, NewtonSettings, newton_phase
+
+# The objectives moved to engine.objectives; they stay importable from here.
+__all__ = ["StochasticObjective", "finetune_objective", "finetune_stochastic_objective",
+           "pretrain_objective", "pretrain_stochastic_objective"]
 
 log = logging.getLogger(__name__)
 
@@ -324,39 +335,6 @@ class MinibatchSettings:
                 f"epoch{'' if self.epochs == 1 else 's'})")
 
 
-@dataclass
-class StochasticObjective:
-    """A stage objective ``(1/n) sum_j loss_j(params) + regularizer(params)``, by rows.
-
-    ``loss_sum(params, rows)`` is the sum of the (weighted) per-example losses of ``rows`` (a
-    LongTensor of row indices); a minibatch estimate of the objective divides it by the batch
-    size, the full objective by ``n``.
-    """
-
-    n: int
-    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    regularizer: Callable[[torch.Tensor], torch.Tensor]
-
-    def batch(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Unbiased minibatch estimate of the objective."""
-        return self.loss_sum(params, rows) / len(rows) + self.regularizer(params)
-
-    def value_and_grad(self, params: torch.Tensor, chunk: int = 1024
-                       ) -> tuple[float, torch.Tensor]:
-        """The full objective and its gradient, summed over chunks of ``chunk`` rows."""
-        p = params.detach().requires_grad_(True)
-        reg = self.regularizer(p)
-        (total_grad,) = torch.autograd.grad(reg, p)
-        value = reg.item()
-        for start in range(0, self.n, chunk):
-            rows = torch.arange(start, min(start + chunk, self.n))
-            part = self.loss_sum(p, rows) / self.n
-            (g,) = torch.autograd.grad(part, p)
-            total_grad = total_grad + g
-            value += part.item()
-        return value, total_grad
-
-
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
@@ -392,7 +370,8 @@ def minimize_minibatch(objective: StochasticObjective, x0: torch.Tensor, *,
     steps = 0
     for epoch in range(1, settings.epochs + 1):
         t_epoch = time.perf_counter()
-        order = torch.randperm(n, generator=gen)
+        # drawn on the CPU: the same order, hence the same parameters, on every device
+        order = torch.randperm(n, generator=gen, device="cpu").to(x.device)
         running = 0.0
         for b in range(per_epoch):
             rows = order[b * size:(b + 1) * size]
@@ -441,109 +420,22 @@ def minimize_minibatch(objective: StochasticObjective, x0: torch.Tensor, *,
     return fit
 
 
-def pretrain_stochastic_objective(task: TwoStageTask, x: torch.Tensor, y: torch.Tensor,
-                                  sample_weights: torch.Tensor | None = None
-                                  ) -> StochasticObjective:
-    """:func:`pretrain_objective` by rows: the same losses, weights and weight decay."""
-    nb = task.backbone_layout.numel
-    wd = task.pretrain_weight_decay
-
-    def loss_sum(theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        losses = task.pretrain_loss(task.pretrain_outputs(theta[:nb], theta[nb:], x[rows]),
-                                    y[rows])
-        if sample_weights is not None:
-            losses = losses * sample_weights[rows]
-        return losses.sum()
-
-    return StochasticObjective(len(x), loss_sum, lambda theta: 0.5 * wd * (theta * theta).sum())
-
-
-def finetune_stochastic_objective(task: TwoStageTask, backbone_pre: torch.Tensor,
-                                  x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
-                                  ) -> StochasticObjective:
-    """:func:`finetune_objective` by rows (fixed: features computed once, in chunks)."""
-    nt = task.t_layout.numel
-    wd = task.finetune_weight_decay
-    if task.scenario == "fixed":
-        with torch.no_grad():
-            feats = torch.cat([task.features(backbone_pre, x[s:s + chunk])
-                               for s in range(0, len(x), chunk)])
-
-        def loss_fixed(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            out = functional_call(task.finetune_head, task.t_layout.unflatten(t), (feats[rows],))
-            return task.finetune_loss(out, y[rows]).sum()
-
-        return StochasticObjective(len(x), loss_fixed, lambda t: 0.5 * wd * (t * t).sum())
-
-    def loss_updated(tu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        out = task.finetune_outputs(tu[:nt], tu[nt:], x[rows])
-        return task.finetune_loss(out, y[rows]).sum()
-
-    def reg_updated(tu: torch.Tensor) -> torch.Tensor:
-        t, d = tu[:nt], tu[nt:] - backbone_pre
-        return 0.5 * wd * (t * t).sum() + 0.5 * task.alpha * (d * d).sum()
-
-    return StochasticObjective(len(x), loss_updated, reg_updated)
-
-
-def pretrain_objective(task: TwoStageTask, x: torch.Tensor, y: torch.Tensor,
-                       sample_weights: torch.Tensor | None = None
-                       ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """L_pre as a function of the full pretraining vector ``[backbone; w]``.
-
-    ``sample_weights`` multiply each example's loss inside the mean (1 = unchanged); an
-    upweighting by ``eps`` of example j is the weight ``1 + M * eps`` at j.
-    """
-    nb = task.backbone_layout.numel
-    m = len(x)
-
-    def objective(theta: torch.Tensor) -> torch.Tensor:
-        ub, w = theta[:nb], theta[nb:]
-        losses = task.pretrain_loss(task.pretrain_outputs(ub, w, x), y)
-        if sample_weights is not None:
-            losses = losses * sample_weights
-        return losses.sum() / m + 0.5 * task.pretrain_weight_decay * (theta * theta).sum()
-
-    return objective
-
-
-def finetune_objective(task: TwoStageTask, backbone_pre: torch.Tensor,
-                       x: torch.Tensor, y: torch.Tensor
-                       ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """L_ft as a function of ``t`` (fixed) or of ``[t; backbone]`` (updated)."""
-    nt = task.t_layout.numel
-
-    if task.scenario == "fixed":
-        # The backbone is frozen, so its features are computed once.
-        feats = task.features(backbone_pre, x).detach()
-
-        def objective(t: torch.Tensor) -> torch.Tensor:
-            out = functional_call(task.finetune_head, task.t_layout.unflatten(t), (feats,))
-            return (task.finetune_loss(out, y).mean()
-                    + 0.5 * task.finetune_weight_decay * (t * t).sum())
-        return objective
-
-    def objective_updated(tu: torch.Tensor) -> torch.Tensor:
-        t, ub = tu[:nt], tu[nt:]
-        d = ub - backbone_pre
-        return (task.finetune_loss(task.finetune_outputs(t, ub, x), y).mean()
-                + 0.5 * task.finetune_weight_decay * (t * t).sum()
-                + 0.5 * task.alpha * (d * d).sum())
-    return objective_updated
-
-
 def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tensor] | None = None,
                     keep: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
                     tolerance: float = 1e-7, max_iter: int = 2000,
                     newton: NewtonSettings | None = None, hint: DenseCurvature | None = None,
                     monitor: TrainingMonitor | None = None,
-                    optimizer: MinibatchSettings | None = None) -> StageFit:
+                    optimizer: MinibatchSettings | None = None,
+                    world: DistContext | None = None) -> StageFit:
     """Train stage 1 (backbone + pretraining head) and return ``[backbone; w]``.
 
     ``keep`` is a boolean mask over pretraining examples (removal retraining); ``init`` warm
     starts from given (backbone, w) vectors, otherwise from the modules' current parameters.
     ``optimizer`` (minibatch Adam/SGD) replaces the certified trainer (``max_iter``, ``newton``
-    and ``hint`` then do not apply).
+    and ``hint`` then do not apply).  ``world`` (a data-parallel run, :mod:`engine.distributed`):
+    the certified trainer's objective is summed over each rank's shard of the (kept) examples
+    and all-reduced, so every rank trains the same parameters; minibatch training is
+    data-parallel the same way (the same seeded minibatches; each rank the rows of its shard).
     """
     x, y = task.pretrain_data
     if keep is not None:
@@ -556,10 +448,11 @@ def fit_pretraining(task: TwoStageTask, *, init: tuple[torch.Tensor, torch.Tenso
     if init is not None:
         ub0, w0 = init
     if optimizer is not None:
-        return minimize_minibatch(pretrain_stochastic_objective(task, x, y, sample_weights),
+        return minimize_minibatch(pretrain_stochastic_objective(task, x, y, sample_weights,
+                                                                world),
                                   torch.cat([ub0, w0]), settings=optimizer, tolerance=tolerance,
                                   name="pretraining", monitor=monitor)
-    return minimize(pretrain_objective(task, x, y, sample_weights), torch.cat([ub0, w0]),
+    return minimize(pretrain_objective(task, x, y, sample_weights, world), torch.cat([ub0, w0]),
                     tolerance=tolerance, max_iter=max_iter, name="pretraining", newton=newton,
                     hint=hint, monitor=monitor)
 
@@ -597,13 +490,16 @@ def fit_two_stage(task: TwoStageTask, *, tolerance: tuple[float, float] = (1e-7,
                   newton: NewtonSettings | None = None,
                   monitor: TrainingMonitor | None = None,
                   optimizer: tuple[MinibatchSettings | None, MinibatchSettings | None] = (
-                      None, None)) -> TwoStageFit:
+                      None, None),
+                  world: DistContext | None = None) -> TwoStageFit:
     """Train both stages (optionally without some pretraining examples, warm-started).
 
     A ``warm_start`` that carries its stages' dense curvature (a fit made by this function)
     also lends it to the Newton phase, so a retrain near it needs few or no new Hessians.
     ``optimizer`` = (pretraining, finetuning) minibatch settings; ``None`` = the certified
-    L-BFGS + trust-region Newton trainer (the default) for that stage.
+    L-BFGS + trust-region Newton trainer (the default) for that stage.  ``world``: pretraining
+    sums are reduced over its ranks (see :func:`fit_pretraining`); finetuning (N examples, small)
+    runs redundantly on every rank.
     """
     nb = task.backbone_layout.numel
 
@@ -613,6 +509,7 @@ def fit_two_stage(task: TwoStageTask, *, tolerance: tuple[float, float] = (1e-7,
     pre = fit_pretraining(
         task, keep=keep, sample_weights=sample_weights, tolerance=tolerance[0],
         max_iter=max_iter[0], newton=newton, monitor=monitor, optimizer=optimizer[0],
+        world=world,
         hint=None if warm_start is None or keep is not None else hint(warm_start.pretrain),
         init=None if warm_start is None else (warm_start.backbone_pre, warm_start.w))
     backbone_pre, w = pre.params[:nb], pre.params[nb:]

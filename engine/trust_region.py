@@ -109,7 +109,7 @@ def dense_hessian(objective: Objective, x: torch.Tensor, chunk: int = 64) -> tor
     (2,410 variables) it is 1.6x faster than forward-over-reverse."""
     product = hvp_product(grad(objective), x, REVERSE)
     n = x.numel()
-    eye = torch.eye(n, dtype=x.dtype)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
     cols = [vmap(product, in_dims=1, out_dims=1)(eye[:, s:s + chunk])
             for s in range(0, n, chunk)]
     mat = torch.cat(cols, dim=1)
@@ -211,14 +211,16 @@ def _to_boundary(d: torch.Tensor, p: torch.Tensor, delta: float) -> float:
 
 
 def lanczos_min_eig(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, dtype: torch.dtype,
-                    steps: int, seed: int = 0) -> tuple[float, torch.Tensor, float]:
+                    steps: int, seed: int = 0, device: torch.device | str = "cpu"
+                    ) -> tuple[float, torch.Tensor, float]:
     """Smallest Ritz value and vector, and the largest Ritz value, after ``steps`` Lanczos
-    steps (full reorthogonalization).
+    steps (full reorthogonalization); ``hvp`` takes and returns vectors on ``device``.
 
     *Estimates*: the extreme Ritz values converge to the extreme eigenvalues from inside.
     """
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, generator=gen, dtype=dtype)
+    # drawn on the CPU: the same start vector on every device
+    q = torch.randn(n, generator=gen, dtype=dtype, device="cpu").to(device)
     q = q / q.norm()
     basis, alphas, betas = [q], [], []
     for j in range(min(steps, n)):
@@ -233,9 +235,9 @@ def lanczos_min_eig(hvp: Callable[[torch.Tensor], torch.Tensor], n: int, dtype: 
         betas.append(b)
         basis.append(w / b)
     k = len(alphas)
-    tri = torch.diag(torch.tensor(alphas, dtype=dtype))
+    tri = torch.diag(torch.tensor(alphas, dtype=dtype, device=device))
     if k > 1:
-        off = torch.tensor(betas[:k - 1], dtype=dtype)
+        off = torch.tensor(betas[:k - 1], dtype=dtype, device=device)
         tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
     vals, vecs = torch.linalg.eigh(tri)
     vec = torch.stack(basis[:k], 1) @ vecs[:, 0]
@@ -409,7 +411,8 @@ class _HvpRun(_Phase):
         hvp = hvp_function(self.objective, self.x)
         steps = self.settings.lanczos_steps
         self.hvps += steps
-        return lanczos_min_eig(hvp, self.x.numel(), self.x.dtype, steps)
+        return lanczos_min_eig(hvp, self.x.numel(), self.x.dtype, steps,
+                               device=self.x.device)
 
     def solve(self) -> NewtonResult:
         self.delta = self.delta or max(self.gnorm, 1e-3)

@@ -44,7 +44,25 @@ def test_old_influence_solver_key_is_the_default_of_both_stages(tmp_path):
     assert isinstance(stage_solver(cfg.pretrain), ExactSolver)
 
 
+def test_factor_examples_subsample_the_fit(tmp_path):
+    """``factor_examples`` = N fits the factors on N evenly spaced examples (recorded)."""
+    from engine.curvature import pretrain_hessian
+    from engine.pipeline import build_task, prepare_data
+    from engine.training import fit_from_modules
+
+    cfg = load_config(config_with(tmp_path, pretrain='solver = "ekfac"\nfactor_examples = 200'))
+    assert cfg.pretrain.factor_examples == 200
+    solver = stage_solver(cfg.pretrain)
+    assert solver.max_examples == 200
+    assert stage_solver(load_config(config_with(tmp_path, pretrain='solver = "ekfac"'))
+                        .pretrain).max_examples is None
+    task = build_task(prepare_data(cfg))
+    op = pretrain_hessian(task, fit_from_modules(task))   # any point: only the fit's rows count
+    assert solver.factors(op).describe()["factor_examples"] == 200 < op.n_examples
+
+
 @pytest.mark.parametrize(("section", "line", "words"), [
+    ("pretrain", "factor_examples = -1", "[pretrain] factor_examples"),
     ("pretrain", 'solver = "kfac"', "[pretrain] solver = 'kfac' is not one of"),
     ("pretrain", 'fisher = "sampled"', "[pretrain] fisher"),
     ("finetune", "cg_iterations = 0", "[finetune] cg_iterations"),

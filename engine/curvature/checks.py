@@ -23,7 +23,7 @@ DENSE_SOLVERS = ("exact",)
 
 def dense_bytes(dim: int, dtype: torch.dtype) -> int:
     """Estimated peak bytes of building and eigendecomposing a dense ``dim x dim`` curvature."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     return DENSE_COPIES * dim * dim * itemsize
 
 
@@ -37,7 +37,7 @@ def dense_problem(dim: int, dtype: torch.dtype, memory_budget: float,
                 f"{dim:,} x {dim:,} matrix)")
     need = dense_bytes(dim, dtype)
     if need > memory_budget:
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         return (f"({dim:,} variables) needs about {need / 2**30:.3g} GB as a dense matrix and its "
                 f"eigendecomposition ({DENSE_COPIES} x {dim:,}^2 x {itemsize} bytes), above the "
                 f"memory budget of {memory_budget / 2**30:.3g} GB ([influence] memory_budget_gb)")

@@ -40,7 +40,8 @@ class ExactSolver:
                     f"{op.name} {problem}; use solver 'cg' (or 'lissa', 'ekfac+cg'), a larger "
                     "memory budget if memory is the limit, or fewer tracked backbone parameters")
             mat = op.dense()
-            damped = mat + damping * torch.eye(op.dim, dtype=mat.dtype)  # a new matrix
+            damped = mat + damping * torch.eye(op.dim, dtype=mat.dtype,  # a new matrix
+                                               device=mat.device)
             evals, evecs = torch.linalg.eigh(damped)
         lo = evals[0].item()
         # Eigenvalues at round-off level of the largest one count as non-positive too.

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.curvature.block_cg import block_pcg
+from engine.curvature.errors import SolverSettingError
 from engine.curvature.hvp import (
     CGSolver,
     _accuracy_verdict,
@@ -39,6 +40,21 @@ BLOCK_DIAGONAL_NOTE = (
     "head W, so r_W = 0 and r_U = H_UU^-1 s within layers)")
 
 
+# Devices the EK-FAC fit runs on: engine.curvature.kronecker still makes its factor sums and
+# helper tensors on the CPU, so on a GPU it would stop at the first mixed-device operation.
+# Every tensor of the fit and solve follows the data's device (tests/test_device.py audits the
+# factories); CUDA has not run on hardware here, other device types are refused.
+EKFAC_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_ekfac_device(device: torch.device, what: str = "an EK-FAC solver") -> None:
+    """Refuse EK-FAC on a device it does not run on yet, with what to use instead."""
+    if device.type not in EKFAC_DEVICE_TYPES:
+        raise SolverSettingError(
+            f"{what} does not run on {device} yet (EK-FAC runs on the CPU and CUDA); use "
+            "solver 'cg' or 'exact' for this stage, or device = \"cpu\"")
+
+
 @dataclass
 class _FactorCache:
     """Factors per operator, fitted once and reused for every solve with that operator."""
@@ -50,10 +66,14 @@ class _FactorCache:
         hit = self._fitted.get(id(op))
         if hit is not None and hit[0] is op:
             return hit[1]
+        check_ekfac_device(op.point.device, f"EK-FAC of the {op.name}")
         if op.function is None:
             raise ValueError(f"{op.name} carries no stage function, so its layers are unknown; "
                              "build it with engine.curvature.operators' stage constructors")
-        fitted = fit_kronecker(op.function, op.x, op.y, self.settings)
+        # a sharded operator holds this rank's rows: the fit all-reduces its sums
+        fitted = fit_kronecker(op.function, op.x, op.y, self.settings,
+                               world=op.world if op.sharded else None,
+                               shard=op.shard if op.sharded else None)
         self._fitted = {id(op): (op, fitted)}
         return fitted
 

@@ -73,7 +73,8 @@ def gauss_newton(op: Curvature) -> GaussNewtonCurvature:
     """The Gauss-Newton counterpart of a stage's Hessian operator (needs ``op.function``)."""
     if op.function is None:
         raise ValueError(f"{op.name} carries no stage function; Gauss-Newton needs the outputs")
-    output_hessian_product(op.function.loss, torch.zeros(1, 1))   # fail early on other losses
+    output_hessian_product(op.function.loss,    # fail early on other losses
+                           torch.zeros(1, 1, device=op.point.device))
     values = {f.name: getattr(op, f.name) for f in dataclasses.fields(op)}
     values.update(name=op.name.replace("Hessian", "Gauss-Newton matrix"), eigen=None)
     return GaussNewtonCurvature(**values)

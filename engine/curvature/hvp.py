@@ -183,15 +183,17 @@ class CGSolver:
         bnorm = rhs.norm(dim=0)
         tol = self.rtol * bnorm
         # True relative residual at the current x, where known (NaN: unknown).
-        true_rel = torch.full((k,), math.nan, dtype=rhs.dtype)
+        dev = rhs.device
+        true_rel = torch.full((k,), math.nan, dtype=rhs.dtype, device=dev)
         true_rel[bnorm == 0] = 0.0                       # x = 0 solves b = 0 exactly
-        best = torch.full((k,), math.inf, dtype=rhs.dtype)   # lowest true residual norm seen
-        stagnated = torch.zeros(k, dtype=torch.bool)
-        restarted = torch.zeros(k, dtype=torch.bool)
-        last_check = torch.zeros(k, dtype=torch.long)
+        # lowest true residual norm seen
+        best = torch.full((k,), math.inf, dtype=rhs.dtype, device=dev)
+        stagnated = torch.zeros(k, dtype=torch.bool, device=dev)
+        restarted = torch.zeros(k, dtype=torch.bool, device=dev)
+        last_check = torch.zeros(k, dtype=torch.long, device=dev)
         idx = (bnorm > 0).nonzero().squeeze(1)
         p = torch.zeros_like(rhs)
-        rz = torch.zeros(k, dtype=rhs.dtype)
+        rz = torch.zeros(k, dtype=rhs.dtype, device=dev)
         if len(idx):
             R = r[:, idx]
             Z = self._precondition(op, R)
@@ -319,7 +321,9 @@ class LissaSolver:
 
     def _estimate_scale(self, op: Curvature, damping: float) -> float:
         gen = torch.Generator().manual_seed(self.seed)
-        v = torch.randn(op.dim, 1, generator=gen, dtype=op.point.dtype)
+        # drawn on the CPU: the same start vector on every device
+        v = torch.randn(op.dim, 1, generator=gen, dtype=op.point.dtype,
+                        device="cpu").to(op.point.device)
         lam = 1.0
         for _ in range(30):
             av = op.matvec(v) + damping * v
@@ -337,7 +341,9 @@ class LissaSolver:
                 if self.batch_size is None:
                     ah = op.matvec(h)
                 else:
-                    idx = torch.randint(op.n_examples, (self.batch_size,), generator=gen)
+                    # global example indices, drawn on the CPU (the same on every device)
+                    idx = torch.randint(op.n_examples, (self.batch_size,), generator=gen,
+                                        device="cpu")
                     ah = op.matvec_sample(h, idx)
                 h = rhs + h - (ah + damping * h) / scale
                 if not torch.isfinite(h).all():
@@ -357,7 +363,7 @@ class LissaSolver:
         def advice() -> str:
             lo, _, hi = lanczos_min_eig(
                 lambda v: (op.matvec(v[:, None]) + damping * v[:, None])[:, 0], op.dim,
-                rhs.dtype, min(40, op.dim), seed=self.seed)
+                rhs.dtype, min(40, op.dim), seed=self.seed, device=rhs.device)
             est = (f"a {min(40, op.dim)}-step Lanczos estimate puts the damped curvature's "
                    f"eigenvalues in [{lo:.3g}, {hi:.3g}], scale {scale:g}")
             if lo <= 0:

@@ -18,6 +18,7 @@ is accumulated in float64 and the eigendecompositions are float64.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -26,11 +27,10 @@ from typing import Any
 
 import torch
 
+from engine.curvature.fisher_targets import FISHER_TYPES, RowDraws, probe_passes
 from engine.curvature.stage_functions import StageFunction
+from engine.distributed import DistContext, Shard, all_reduce_sum, broadcast_object
 from engine.layer_capture import find_layer_tensors, probe_pass, weight_matrix_shape
-from engine.task import cross_entropy, squared_error
-
-FISHER_TYPES = ("true", "empirical", "expected")
 
 
 class KroneckerError(ValueError):
@@ -94,7 +94,7 @@ class KroneckerFactors:
     @property
     def offsets(self) -> list[int]:
         sizes = [p.numel() for p in self.function.params]
-        return [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        return [0, *itertools.accumulate(sizes)]
 
     def mean_eigenvalue(self) -> float:
         """Mean over every eigenvalue of the approximation (without the regularizer)."""
@@ -130,9 +130,11 @@ class KroneckerFactors:
             if b.bias is not None:
                 out[bs] = y[:, :, -1].T
         if self.other:
-            rows = torch.cat([torch.arange(off[i], off[i + 1]) for i in self.other])
+            rows = torch.cat([torch.arange(off[i], off[i + 1], device=rhs.device)
+                              for i in self.other])
             v = rhs[rows]
-            reg = torch.cat([torch.full((off[i + 1] - off[i],), self.function.reg[i], dtype=dt)
+            reg = torch.cat([torch.full((off[i + 1] - off[i],), self.function.reg[i], dtype=dt,
+                                        device=rhs.device)
                              for i in self.other])
             if self.other_eigen is not None:
                 evals, evecs = (t.to(dt) for t in self.other_eigen)
@@ -155,47 +157,6 @@ class KroneckerFactors:
             "mean_eigenvalue": self.mean_eigenvalue(),
             "fit_seconds": dict(self.timings),
         }
-
-
-# ----- targets whose output gradients give the chosen Fisher -------------------------------
-
-def _targets(fn: StageFunction, x: torch.Tensor, y: torch.Tensor, fisher: str,
-             gen: torch.Generator) -> Iterator[tuple[StageFunction, torch.Tensor]]:
-    """(function, targets) pairs whose summed per-example output-gradient outer products, over
-    the pairs, estimate (true), equal (expected) or are (empirical) the Fisher's."""
-    if fisher == "empirical":
-        yield fn, y
-        return
-    with torch.no_grad():
-        out = fn.outputs(fn.params, x)
-    if fn.loss is cross_entropy:
-        probs = torch.softmax(out.double(), dim=1)
-        if fisher == "true":
-            yield fn, torch.multinomial(probs, 1, generator=gen).squeeze(1)
-            return
-        # diag(p) - p p^T = L L^T with columns L_c = sqrt(p_c) (e_c - p).
-        surrogate = fn.with_loss(lambda o, coef: (o * coef).sum(1))
-        root = probs.sqrt()
-        for c in range(out.shape[1]):
-            coef = -probs * root[:, c : c + 1]
-            coef[:, c] += root[:, c]
-            yield surrogate, coef.to(out.dtype)
-        return
-    if fn.loss is squared_error:
-        if fisher == "true":   # y ~ N(out, I/2): E[g g^T] = 2 I, the loss's output Hessian
-            noise = torch.randn(out.shape, generator=gen, dtype=torch.float64) * math.sqrt(0.5)
-            yield fn, (out.double() + noise).to(out.dtype).reshape(y.shape)
-            return
-        surrogate = fn.with_loss(lambda o, coef: (o * coef).reshape(len(o), -1).sum(1))
-        flat = out.reshape(len(out), -1)
-        for c in range(flat.shape[1]):
-            coef = torch.zeros_like(flat)
-            coef[:, c] = math.sqrt(2.0)
-            yield surrogate, coef.reshape(out.shape)
-        return
-    raise KroneckerError(
-        f"fisher = {fisher!r} needs a model distribution, known for the built-in cross_entropy "
-        "and squared_error losses only; for another loss use fisher = 'empirical'")
 
 
 # ----- fitting ------------------------------------------------------------------------------
@@ -258,7 +219,7 @@ def _per_example_gradients(fn: StageFunction, blocks: Sequence[LayerBlock], x: t
         if blk is None:
             continue
         if blk.kind == "embedding":
-            grad = torch.zeros(len(x), *blk.shape, dtype=g.dtype)
+            grad = torch.zeros(len(x), *blk.shape, dtype=g.dtype, device=g.device)
             grad.scatter_add_(1, call.indices()[:, :, None].expand(-1, -1, blk.shape[1]), g)
         else:
             a = call.input_patches()
@@ -268,23 +229,38 @@ def _per_example_gradients(fn: StageFunction, blocks: Sequence[LayerBlock], x: t
     return [out.get(b.weight) for b in blocks]
 
 
-def _rows(n: int, max_examples: int | None) -> torch.Tensor | None:
-    if max_examples is None or max_examples >= n:
-        return None
-    return torch.linspace(0, n - 1, max_examples).round().long()
+def _fitted_rows(total: int, max_examples: int | None, device: torch.device) -> torch.Tensor:
+    """Global rows the factors are fitted on: all, or ``max_examples`` evenly spaced."""
+    if max_examples is None or max_examples >= total:
+        return torch.arange(total, device=device)
+    return torch.linspace(0, total - 1, max_examples, device=device).round().long()
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, settings: KroneckerSettings
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    rows = _rows(len(x), settings.max_examples)
-    if rows is not None:
-        x, y = x[rows], y[rows]
-    for start in range(0, len(x), settings.batch_size):
-        yield x[start : start + settings.batch_size], y[start : start + settings.batch_size]
+def _batches(x: torch.Tensor, y: torch.Tensor, settings: KroneckerSettings, lo: int,
+             total: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x, y, global rows) of the fitted rows this process holds (rows ``[lo, lo + len(x))``
+    of ``total``), ``batch_size`` at a time."""
+    rows = _fitted_rows(total, settings.max_examples, x.device)
+    rows = rows[(rows >= lo) & (rows < lo + len(x))]
+    for start in range(0, len(rows), settings.batch_size):
+        r = rows[start : start + settings.batch_size]
+        yield x[r - lo], y[r - lo], r
+
+
+def _all_reduced(tensors: list[torch.Tensor], world: DistContext | None) -> list[torch.Tensor]:
+    """Every tensor summed over the ranks, in ONE collective (float64), same shapes."""
+    if world is None or not world.distributed or not tensors:
+        return tensors
+    flat = all_reduce_sum(torch.cat([t.reshape(-1).double() for t in tensors]), world)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at : at + t.numel()].reshape(t.shape))
+        at += t.numel()
+    return out
 
 
 def _with_ones(a: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
+    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], -1)
 
 
 def _accumulate_factors(blocks: Sequence[LayerBlock], calls: list, first_target: bool) -> None:
@@ -323,17 +299,19 @@ def _accumulate_corrections(blocks: Sequence[LayerBlock], calls: list, sums: dic
             grouped.setdefault(call.weight, []).append((call, g))
     for w, items in grouped.items():
         b = by_weight[w]
-        dt = items[0][1].dtype
+        dt, dev = items[0][1].dtype, items[0][1].device
         q_s = b.q_s.to(dt)
         if b.kind == "embedding":
             # Sum each example's rotated output gradients per token (over positions and calls)
             # before squaring: the example's gradient row of that token, in the basis Q_S.
-            keys = torch.cat([(torch.arange(c.indices().shape[0])[:, None] * b.shape[0]
+            keys = torch.cat([(torch.arange(c.indices().shape[0], device=dev)[:, None]
+                               * b.shape[0]
                                + c.indices()).reshape(-1) for c, _ in items])
             rot = torch.cat([(g @ q_s).reshape(-1, b.shape[1]) for _, g in items])
             uniq, inv = torch.unique(keys, return_inverse=True)
-            per_row = torch.zeros(len(uniq), b.shape[1], dtype=dt).index_add_(0, inv, rot)
-            part = torch.zeros(*b.shape, dtype=torch.float64).index_add_(
+            per_row = torch.zeros(len(uniq), b.shape[1], dtype=dt, device=dev).index_add_(
+                0, inv, rot)
+            part = torch.zeros(*b.shape, dtype=torch.float64, device=dev).index_add_(
                 0, uniq % b.shape[0], per_row.double().square())
             sums[w] = part if w not in sums else sums[w] + part
             continue
@@ -347,71 +325,123 @@ def _accumulate_corrections(blocks: Sequence[LayerBlock], calls: list, sums: dic
             rot_a.append(a @ q_a)
             rot_g.append(g @ q_s)
         if len(items) == 1 and rot_a[0].shape[1] == 1:
-            part = rot_g[0][:, 0].double().square().T @ rot_a[0][:, 0].double().square()
+            part = (rot_g[0][:, 0].square().T @ rot_a[0][:, 0].square()).double()
         else:
-            a_all, g_all = torch.cat(rot_a, 1), torch.cat(rot_g, 1)   # calls x positions
+            if len(items) == 1:
+                a_all, g_all = rot_a[0], rot_g[0]
+            else:
+                a_all, g_all = torch.cat(rot_a, 1), torch.cat(rot_g, 1)   # calls x positions
             batch = a_all.shape[0]
             per = max(1, budget // max(1, 8 * b.shape[0] * b.width))
-            part = torch.zeros(b.shape[0], b.width, dtype=torch.float64)
+            part = torch.zeros(b.shape[0], b.width, dtype=torch.float64, device=dev)
             for s0 in range(0, batch, per):
                 grads = torch.einsum("bso,bsi->boi", g_all[s0 : s0 + per], a_all[s0 : s0 + per])
-                part += grads.double().square().sum(0)
+                # a batched dot product: ~20x faster than squaring a float64 copy; the chunk's
+                # sum is in the model's dtype, the running sum in float64
+                part += torch.einsum("boi,boi->oi", grads, grads).double()
         sums[w] = part if w not in sums else sums[w] + part
 
 
+def _s_zeros(b: LayerBlock, device: torch.device) -> torch.Tensor:
+    d = b.shape[1 if b.kind == "embedding" else 0]
+    return torch.zeros(d, d, dtype=torch.float64, device=device)
+
+
+def _a_zeros(b: LayerBlock, device: torch.device) -> torch.Tensor:
+    if b.kind == "embedding":
+        return torch.zeros(b.shape[0], dtype=torch.float64, device=device)
+    return torch.zeros(b.width, b.width, dtype=torch.float64, device=device)
+
+
+def _eigen_zeros(b: LayerBlock, device: torch.device) -> torch.Tensor:
+    return torch.zeros(*(b.shape if b.kind == "embedding" else (b.shape[0], b.width)),
+                       dtype=torch.float64, device=device)
+
+
+def _reduce_factors(blocks: list[LayerBlock], n: int, world: DistContext | None,
+                    device: torch.device) -> int:
+    """Pass 1's sums (and the example count) over every rank; a rank whose rows never reached
+    a layer contributes zeros, so every rank reduces the same tensors."""
+    for b in blocks:
+        b.s_sum = _s_zeros(b, device) if b.s_sum is None else b.s_sum
+        b.a_sum = _a_zeros(b, device) if b.a_sum is None else b.a_sum
+    counts = torch.tensor([float(n), *(float(b.rows) for b in blocks)], dtype=torch.float64,
+                          device=device)
+    reduced = _all_reduced([counts, *(b.s_sum for b in blocks), *(b.a_sum for b in blocks)],
+                           world)
+    k = len(blocks)
+    for i, b in enumerate(blocks):
+        b.rows = int(reduced[0][1 + i])
+        b.s_sum, b.a_sum = reduced[1 + i], reduced[1 + k + i]
+    return int(reduced[0][0])
+
+
 def fit_kronecker(fn: StageFunction, x: torch.Tensor, y: torch.Tensor,
-                  settings: KroneckerSettings | None = None) -> KroneckerFactors:
+                  settings: KroneckerSettings | None = None, *,
+                  world: DistContext | None = None, shard: Shard | None = None
+                  ) -> KroneckerFactors:
     """Fit EK-FAC of the stage ``fn`` on ``(x, y)``: two passes over the data (factors, then
-    the eigenvalue correction) plus float64 eigendecompositions of every factor."""
+    the eigenvalue correction) plus float64 eigendecompositions of every factor.
+
+    Data-parallel (``world`` with several ranks): ``x``, ``y`` are this rank's ``shard``;
+    every sum is all-reduced (one collective per pass), the plan is rank 0's, and each row's
+    random draw is the one a single process would make, so every rank ends with the factors
+    of all the data (equal to a single process's up to the order of summation).
+    """
     settings = settings or KroneckerSettings()
     params = list(fn.params)
-    blocks, other = _plan(fn, x[:4], y[:4])
+    distributed = world is not None and world.distributed
+    lo, total = (shard.lo, shard.total) if shard is not None else (0, len(x))
+    plan = _plan(fn, x[:4], y[:4]) if not distributed or world.rank == 0 else None
+    blocks, other = broadcast_object(plan, world) if distributed else plan
     index = {id(params[b.weight]): b.weight for b in blocks}
     factors = KroneckerFactors(fn, settings, blocks, other, None)
     n = 0
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(settings.seed)
-    for xb, yb in _batches(x, y, settings):
-        for j, (fj, tj) in enumerate(_targets(fn, xb, yb, settings.fisher, gen)):
-            _accumulate_factors(blocks, probe_pass(fj, params, index, xb, tj), j == 0)
+    draws = RowDraws(settings.seed, total, x.device)
+    for xb, yb, rows in _batches(x, y, settings, lo, total):
+        for j, (_, _, calls) in enumerate(probe_passes(fn, params, index, xb, yb, rows,
+                                                        settings.fisher, draws)):
+            _accumulate_factors(blocks, calls, j == 0)
         n += len(xb)
+    n = _reduce_factors(blocks, n, world, x.device)
+    if n == 0:
+        raise KroneckerError("no examples to fit the Kronecker factors on")
     factors.examples = n
     factors.timings["factors"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for b in blocks:
-        if b.s_sum is None:   # the weight never reaches the loss: zero curvature
-            b.s_sum = torch.zeros(b.shape[1 if b.kind == "embedding" else 0],
-                                  b.shape[1 if b.kind == "embedding" else 0],
-                                  dtype=torch.float64)
         b.q_s = torch.linalg.eigh(b.s_sum / n)[1]
         if b.kind != "embedding":
-            a_sum = b.a_sum if b.a_sum is not None else torch.zeros(b.width, b.width,
-                                                                     dtype=torch.float64)
-            b.q_a = torch.linalg.eigh(a_sum / max(b.rows, 1))[1]
+            b.q_a = torch.linalg.eigh(b.a_sum / max(b.rows, 1))[1]
     factors.timings["eigendecompositions"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     sums: dict[int, torch.Tensor] = {}
     n_other = sum(params[i].numel() for i in other)
-    dense_other = other and n_other <= settings.other_dense_limit
+    dense_other = bool(other) and n_other <= settings.other_dense_limit
     other_sum = None
-    gen = torch.Generator().manual_seed(settings.seed + 1)
-    for xb, yb in _batches(x, y, settings):
-        for fj, tj in _targets(fn, xb, yb, settings.fisher, gen):
-            _accumulate_corrections(blocks, probe_pass(fj, params, index, xb, tj), sums,
-                                    settings.memory_budget)
+    draws = RowDraws(settings.seed + 1, total, x.device)
+    for xb, yb, rows in _batches(x, y, settings, lo, total):
+        for fj, tj, calls in probe_passes(fn, params, index, xb, yb, rows, settings.fisher,
+                                          draws):
+            _accumulate_corrections(blocks, calls, sums, settings.memory_budget)
             if other:
                 g = torch.cat(fj.gradient_blocks(xb, tj, other), 1).double()
                 part = g.T @ g if dense_other else g.square().sum(0)
                 other_sum = part if other_sum is None else other_sum + part
-    for b in blocks:
-        b.eigenvalues = sums.get(b.weight, torch.zeros(*b.shape[:1], b.width,
-                                                       dtype=torch.float64)
-                                 if b.kind != "embedding" else torch.zeros(*b.shape,
-                                                                          dtype=torch.float64))
-        b.eigenvalues = b.eigenvalues / n
+    parts = [sums.get(b.weight, _eigen_zeros(b, x.device)) for b in blocks]
     if other:
+        if other_sum is None:
+            other_sum = torch.zeros(*((n_other, n_other) if dense_other else (n_other,)),
+                                    dtype=torch.float64, device=x.device)
+        parts.append(other_sum)
+    parts = _all_reduced(parts, world)
+    for b, part in zip(blocks, parts, strict=False):
+        b.eigenvalues = part / n
+    if other:
+        other_sum = parts[-1]
         regs = {fn.reg[i] for i in other}
         if dense_other and len(regs) == 1:
             factors.other_mode = "dense"

@@ -31,6 +31,7 @@ from engine.curvature.errors import (
     is_allocation_error,
 )
 from engine.curvature.stage_functions import StageFunction, finetune_function, pretrain_function
+from engine.distributed import DistContext, Shard, all_reduce_sum
 from engine.task import TwoStageTask
 from engine.training import StageFit, TwoStageFit
 
@@ -149,6 +150,12 @@ class Curvature:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     # FORWARD or REVERSE (engine.autodiff), chosen at the first product and kept.
     hvp_mode: str | None = None
+    # Data-parallel runs (engine.distributed): ``x``/``y`` hold this rank's ``shard`` of the
+    # stage's ``shard.total`` examples, and every product's data sum is all-reduced over
+    # ``world``, once per product whatever the rank's chunks, so every rank gets the full
+    # matrix's product.  ``None``: all examples are here (a plain run).
+    world: DistContext | None = None
+    shard: Shard | None = None
     # Caches set on first use (plain attributes, not fields, so that copying an operator's
     # fields into another dataclass, as engine.curvature.gauss_newton does, still works):
     # ``_activations`` (see activation_elements) and ``_widest`` = (columns, examples per chunk,
@@ -160,7 +167,13 @@ class Curvature:
 
     @property
     def n_examples(self) -> int:
-        return len(self.x)
+        """Examples in the curvature's mean (all ranks' together in a data-parallel run)."""
+        return self.shard.total if self.sharded else len(self.x)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether ``x`` is one rank's shard and products are all-reduced."""
+        return self.shard is not None and self.world is not None and self.world.distributed
 
     # ----- memory ---------------------------------------------------------------------------
     def activation_elements(self) -> float:
@@ -182,7 +195,7 @@ class Curvature:
         Examples are chunked first (every chunk still batches all columns, sharing the primal
         pass); columns only when fewer than ``MIN_EXAMPLE_CHUNK`` examples would fit.
         """
-        n = self.n_examples if examples is None else examples
+        n = len(self.x) if examples is None else examples   # the rows this process holds
         return plan_chunks(self.name, self.dim, self.activation_elements(), max(n, 1),
                            max(columns, 1), self.batch_size, self.memory_budget,
                            self.point.element_size())
@@ -220,8 +233,11 @@ class Curvature:
                 f"{self.memory_budget / 2**30:.3g} GB); lower {MEMORY_SETTINGS}") from exc
 
     def _apply(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
-        """``diag(reg) V + (1/n) sum_{examples in x} d2 loss_i V``, chunked to the budget."""
+        """``diag(reg) V + (1/n) sum_{examples in x} d2 loss_i V``, chunked to the budget
+        (sharded: the data sum is over every rank's ``x``)."""
         k = V.shape[1]
+        if self.sharded:
+            return self._apply_sharded(V, x, y, n)
         if k == 0 or len(x) == 0:
             return self.reg_diag[:, None] * V
         b, c = self.plan(k, len(x))
@@ -240,6 +256,26 @@ class Curvature:
         self._check(out)
         return out
 
+    def _apply_sharded(self, V: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                       n: int) -> torch.Tensor:
+        # The local chunks may differ between ranks (uneven shards, an empty one): sum them
+        # here, then make exactly one all-reduce per product on every rank.
+        k = V.shape[1]
+        data = torch.zeros_like(V)
+        if k and len(x):
+            b, c = self.plan(k, len(x))
+            widest = getattr(self, "_widest", None)
+            if widest is None or k >= widest[0]:
+                self._widest = (k, b, c)
+            for cs in range(0, k, c):
+                acc = data[:, cs : cs + c]
+                for start in range(0, len(x), b):
+                    sl = slice(start, start + b)
+                    acc += self._data_hvp(V[:, cs : cs + c], x[sl], y[sl]) / n
+        out = self.reg_diag[:, None] * V + all_reduce_sum(data, self.world)
+        self._check(out)
+        return out
+
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """Curvature times each column of ``V`` (shape ``(dim, k)``), one pass over the data
         (per column chunk)."""
@@ -253,7 +289,11 @@ class Curvature:
                 "features and that training converged")
 
     def matvec_sample(self, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Unbiased estimate of :meth:`matvec` from the examples ``idx`` (stochastic solvers)."""
+        """Unbiased estimate of :meth:`matvec` from the examples ``idx`` (stochastic solvers;
+        indices into all ``n_examples``, drawn identically on every rank when sharded)."""
+        if self.sharded:
+            local = self.shard.local(idx)
+            return self._apply(V, self.x[local], self.y[local], len(idx))
         return self._apply(V, self.x[idx], self.y[idx], len(idx))
 
     def dense(self, chunk: int = 256) -> torch.Tensor:
@@ -262,8 +302,9 @@ class Curvature:
         cols = []
         for s in range(0, self.dim, chunk):
             width = min(chunk, self.dim - s)
-            eye = torch.zeros(self.dim, width, dtype=self.point.dtype)
-            eye[torch.arange(s, s + width), torch.arange(width)] = 1.0
+            dev = self.point.device
+            eye = torch.zeros(self.dim, width, dtype=self.point.dtype, device=dev)
+            eye[torch.arange(s, s + width, device=dev), torch.arange(width, device=dev)] = 1.0
             cols.append(self.matvec(eye))
         mat = torch.cat(cols, dim=1)
         return 0.5 * (mat + mat.T)  # symmetrize away floating-point asymmetry
@@ -284,8 +325,12 @@ def _trained_eigen(task: TwoStageTask, stage: StageFit | None, point: torch.Tens
 
 def pretrain_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 1024,
                      reuse_training: bool = False,
-                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Curvature:
-    """H: Hessian of L_pre w.r.t. the tracked backbone and the pretraining head at (U*, W*)."""
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                     world: DistContext | None = None) -> Curvature:
+    """H: Hessian of L_pre w.r.t. the tracked backbone and the pretraining head at (U*, W*).
+
+    ``world`` (several ranks): the operator holds this rank's shard of the pretraining examples
+    and all-reduces its products (see :class:`Curvature`)."""
     base = fit.backbone_pre
     nu = task.u_layout.numel
 
@@ -296,9 +341,14 @@ def pretrain_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 102
     point = torch.cat([task.tracked(base), fit.w])
     reg = torch.full_like(point, task.pretrain_weight_decay)
     x, y = task.pretrain_data
+    shard = None
+    if world is not None and world.distributed:
+        shard = world.shard(len(x))
+        x, y = x[shard.rows], y[shard.rows]
     return Curvature("pretraining Hessian H", batch_loss, point, x, y, reg, batch_size,
                      _trained_eigen(task, fit.pretrain, point, reuse_training),
-                     function=pretrain_function(task, fit), memory_budget=memory_budget)
+                     function=pretrain_function(task, fit), memory_budget=memory_budget,
+                     world=world if shard is not None else None, shard=shard)
 
 
 def finetune_head_hessian(task: TwoStageTask, fit: TwoStageFit, batch_size: int = 1024,
@@ -361,7 +411,8 @@ def finetune_cross_matvec(task: TwoStageTask, fit: TwoStageFit, V: torch.Tensor,
         return task.finetune_loss(task.finetune_outputs(tu[:nt], base, xb, tu[nt:]), yb).sum()
 
     planner = Curvature("finetuning cross term A_UT", joint_loss, torch.cat([fit.t, u0]), x, y,
-                        torch.zeros(0), batch_size, memory_budget=memory_budget)
+                        torch.zeros(0, device=V.device), batch_size,
+                        memory_budget=memory_budget)
     k = V.shape[1]
     b, c = planner.plan(k)
     if info is not None:
@@ -369,7 +420,7 @@ def finetune_cross_matvec(task: TwoStageTask, fit: TwoStageFit, V: torch.Tensor,
     parts = []
     for cs in range(0, k, c):
         Vc = V[:, cs : cs + c]
-        out = torch.zeros(u0.numel(), Vc.shape[1], dtype=V.dtype)
+        out = torch.zeros(u0.numel(), Vc.shape[1], dtype=V.dtype, device=V.device)
         for start in range(0, n, b):
             xb, yb = x[start : start + b], y[start : start + b]
 
