@@ -9,15 +9,12 @@ updated``, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from engine.data import label_key
-from engine.device_spec import device_problem
+from engine.config_reader import ConfigError, TableReader, suggest_key
 
 DTYPES = ("float64", "float32")
 TOP_KEYS = ("seed", "dtype", "device")
@@ -41,10 +38,6 @@ MAP_METHODS = ("umap", "pca")
 
 
 MAX_HIDDEN = 65_536
-
-
-class ConfigError(ValueError):
-    """The run configuration is missing, malformed or has an invalid value."""
 
 
 @dataclass(frozen=True)
@@ -172,13 +165,13 @@ class RunConfig:
         """
         cfg = self
         if device is not None:
-            cfg = dataclasses.replace(self, device=_Reader("command-line override", None, {})
+            cfg = dataclasses.replace(self, device=TableReader("command-line override", None, {})
                                       .check_device("device", device))
         return cfg._with_finetune_overrides(scenario, alpha)
 
     def _with_finetune_overrides(self, scenario: str | None, alpha: float | None) -> RunConfig:
         changes: dict[str, Any] = {}
-        r = _Reader("command-line override", "finetune", {})
+        r = TableReader("command-line override", "finetune", {})
         if scenario is not None:
             changes["scenario"] = r.check_choice("scenario", scenario, SCENARIOS)
         if alpha is not None:
@@ -215,14 +208,14 @@ def load_config(path: str | Path) -> RunConfig:
         "data": None, "model": ModelConfig, "pretrain": StageConfig, "finetune": FinetuneConfig,
         "influence": InfluenceConfig, "map": MapConfig,
     }
-    top = _Reader(name, None, raw)
+    top = TableReader(name, None, raw)
     for key, value in raw.items():
         if key in sections or key in TOP_KEYS:
             continue
         kind = "section" if isinstance(value, dict) else "key"
         shown = f"[{key}]" if kind == "section" else key
         raise ConfigError(
-            f"{name}: unknown {kind} {shown}{_suggest(key, [*sections, *TOP_KEYS])} "
+            f"{name}: unknown {kind} {shown}{suggest_key(key, [*sections, *TOP_KEYS])} "
             f"(allowed: {', '.join(TOP_KEYS)}, {', '.join(f'[{s}]' for s in sections)})"
         )
     tables = {}
@@ -230,7 +223,7 @@ def load_config(path: str | Path) -> RunConfig:
         value = raw.get(sec, {})
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: {sec} must be a [{sec}] section, not {value!r}")
-        tables[sec] = _Reader(name, sec, value)
+        tables[sec] = TableReader(name, sec, value)
 
     base = path.resolve().parent
     # "[influence] solver" (the old single key) is the default of both stages' "solver".
@@ -254,7 +247,7 @@ def load_config(path: str | Path) -> RunConfig:
 # --- sections --------------------------------------------------------------------------------
 
 
-def _data(r: _Reader, base: Path) -> DataConfig:
+def _data(r: TableReader, base: Path) -> DataConfig:
     r.allow_only([f.name for f in dataclasses.fields(DataConfig)])
     d = DataConfig(Path(), Path(), Path())  # only for the defaults
     paths = {}
@@ -304,7 +297,7 @@ def _data(r: _Reader, base: Path) -> DataConfig:
     )
 
 
-def _model(r: _Reader) -> ModelConfig:
+def _model(r: TableReader) -> ModelConfig:
     r.allow_only([f.name for f in dataclasses.fields(ModelConfig)])
     d = ModelConfig()
     architecture = r.get_choice("architecture", d.architecture, ARCHITECTURES)
@@ -344,7 +337,7 @@ def _check_model_fits(file: str, cfg: RunConfig) -> None:
             "use fewer channels entries, a smaller kernel_size or pool, or check image_shape")
 
 
-def _optimizer_values(r: _Reader, d: StageConfig) -> dict[str, Any]:
+def _optimizer_values(r: TableReader, d: StageConfig) -> dict[str, Any]:
     """The stage's trainer and, for adam / sgd, its minibatch settings."""
     optimizer = r.get_choice("optimizer", d.optimizer, OPTIMIZERS)
     allowed = {"newton": (), "adam": MINIBATCH_KEYS[:3], "sgd": MINIBATCH_KEYS}[optimizer]
@@ -364,7 +357,7 @@ def _optimizer_values(r: _Reader, d: StageConfig) -> dict[str, Any]:
     )
 
 
-def _stage_values(r: _Reader, d: StageConfig, default_solver: str) -> dict[str, Any]:
+def _stage_values(r: TableReader, d: StageConfig, default_solver: str) -> dict[str, Any]:
     return dict(
         weight_decay=r.get_float("weight_decay", d.weight_decay, low=0.0),
         damping=r.get_float("damping", d.damping, low=0.0),
@@ -380,12 +373,12 @@ def _stage_values(r: _Reader, d: StageConfig, default_solver: str) -> dict[str, 
     )
 
 
-def _stage(r: _Reader, d: StageConfig, default_solver: str) -> StageConfig:
+def _stage(r: TableReader, d: StageConfig, default_solver: str) -> StageConfig:
     r.allow_only([f.name for f in dataclasses.fields(StageConfig)])
     return StageConfig(**_stage_values(r, d, default_solver))
 
 
-def _finetune(r: _Reader, default_solver: str) -> FinetuneConfig:
+def _finetune(r: TableReader, default_solver: str) -> FinetuneConfig:
     r.allow_only([f.name for f in dataclasses.fields(FinetuneConfig)])
     d = FinetuneConfig()
     values = _stage_values(r, d, default_solver)
@@ -402,7 +395,7 @@ def _finetune(r: _Reader, default_solver: str) -> FinetuneConfig:
     )
 
 
-def _influence(r: _Reader) -> InfluenceConfig:
+def _influence(r: TableReader) -> InfluenceConfig:
     r.allow_only([f.name for f in dataclasses.fields(InfluenceConfig)])
     d = InfluenceConfig()
     return InfluenceConfig(
@@ -420,7 +413,7 @@ def _influence(r: _Reader) -> InfluenceConfig:
     )
 
 
-def _map(r: _Reader) -> MapConfig:
+def _map(r: TableReader) -> MapConfig:
     r.allow_only([f.name for f in dataclasses.fields(MapConfig)])
     d = MapConfig()
     return MapConfig(
@@ -428,149 +421,6 @@ def _map(r: _Reader) -> MapConfig:
         n_neighbors=r.get_int("n_neighbors", d.n_neighbors, low=2),
         min_dist=r.get_float("min_dist", d.min_dist, low=0.0, high=1.0),
     )
-
-
-# --- value checking --------------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads typed values out of one TOML table; every error names file, section and key."""
-
-    def __init__(self, file: str, section: str | None, table: dict[str, Any]) -> None:
-        self.file = file
-        self.section = section
-        self.table = table
-
-    def where(self, key: str) -> str:
-        return f"[{self.section}] {key}" if self.section else key
-
-    def fail(self, key: str, value: Any, problem: str) -> NoReturn:
-        raise ConfigError(f"{self.file}: {self.where(key)} = {value!r} {problem}")
-
-    def allow_only(self, allowed: list[str]) -> None:
-        for key in self.table:
-            if key not in allowed:
-                raise ConfigError(
-                    f"{self.file}: unknown key {self.where(key)}{_suggest(key, allowed)} "
-                    f"(allowed in [{self.section}]: {', '.join(allowed)})"
-                )
-
-    # Each getter returns the default when the key is absent, else the checked value.
-
-    def get_choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        return self.check_choice(key, self.table.get(key, default), choices)
-
-    def check_choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
-        if not isinstance(value, str) or value not in choices:
-            self.fail(key, value, f"is not one of {', '.join(choices)}")
-        return value
-
-    def check_device(self, key: str, value: Any) -> str:
-        # The form only: whether the GPU exists is checked when a run starts
-        # (engine.devices.resolve_device), so a config stays valid on another machine.
-        problem = device_problem(value)
-        if problem:
-            self.fail(key, value, problem)
-        return value
-
-    def get_str(self, key: str, default: str, *, nonempty: bool = False) -> str:
-        value = self.table.get(key, default)
-        if not isinstance(value, str):
-            self.fail(key, value, "must be a string (in quotes)")
-        if nonempty and not value.strip():
-            self.fail(key, value, "must not be empty")
-        return value
-
-    def get_int(self, key: str, default: int, *, low: int) -> int:
-        value = self.table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(key, value, "must be an integer")
-        if value < low:
-            self.fail(key, value, f"must be >= {low}")
-        return value
-
-    def get_float(
-        self, key: str, default: float, *, low: float, high: float | None = None,
-        strict: bool = False,
-    ) -> float:
-        value = self.table.get(key, default)
-        return self.check_float(key, value, low=low, high=high, strict=strict)
-
-    def check_float(
-        self, key: str, value: Any, *, low: float, high: float | None = None,
-        strict: bool = False,
-    ) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(key, value, "must be a number")
-        if not math.isfinite(value):
-            self.fail(key, value, "must be a finite number")
-        if value < low or (strict and value == low):
-            self.fail(key, value, f"must be {'>' if strict else '>='} {low:g}")
-        if high is not None and value > high:
-            self.fail(key, value, f"must be <= {high:g}")
-        return float(value)
-
-    def get_bool(self, key: str, default: bool) -> bool:
-        value = self.table.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, value, "must be true or false")
-        return value
-
-    def get_int_list(self, key: str, default: tuple[int, ...]) -> list[int]:
-        value = self.table.get(key, list(default))
-        if (not isinstance(value, list) or not value
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-            self.fail(key, value, "must be a non-empty list of positive integers")
-        return value
-
-    def get_str_list(
-        self, key: str, default: tuple[str, ...], *, nonempty: bool = False
-    ) -> list[str]:
-        value = self.table.get(key, list(default))
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            self.fail(key, value, "must be a list of column names (strings)")
-        if nonempty and not value:
-            self.fail(key, value, "must list at least one column")
-        self._unique(key, value, value)
-        return value
-
-    def get_classes(self, key: str, default: tuple[int | str, ...]) -> tuple[int | str, ...]:
-        value = self.table.get(key, list(default))
-        if (not isinstance(value, list)
-                or any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in value)):
-            self.fail(key, value, "must be a list of class values (integers or strings)")
-        if len(value) < 2:
-            self.fail(key, value, "must declare at least two classes")
-        # 3 and "3" would both match a label 3 in the file (see data.label_key).
-        self._unique(key, value, [label_key(v) for v in value])
-        return tuple(value)
-
-    def get_mode_or_list(
-        self, key: str, modes: tuple[str, ...], what: str, *, ids: bool = False
-    ) -> str | tuple[str, ...]:
-        value = self.table.get(key, modes[0])
-        if isinstance(value, str):
-            return self.check_choice(key, value, modes)
-        allowed = (int, str) if ids else (str,)  # integer ids are fine: ids are read as text
-        if (not isinstance(value, list) or not value
-                or any(isinstance(v, bool) or not isinstance(v, allowed) for v in value)):
-            self.fail(key, value, f"must be one of {', '.join(modes)} or a non-empty list of "
-                                  f"{what} (strings)")
-        items = [str(v) for v in value]
-        self._unique(key, value, items)
-        return tuple(items)
-
-    def _unique(self, key: str, value: list, keys: list) -> None:
-        seen: set = set()
-        for v, k in zip(value, keys, strict=True):
-            if k in seen:
-                self.fail(key, value, f"lists {v!r} more than once")
-            seen.add(k)
-
-
-def _suggest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _plain(obj: Any) -> Any:

@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional name
 from torch import nn
 from torch.func import functional_call
 
-import engine.layer_capture as capture
+import engine.attention_capture as attention_capture
 from engine.layer_capture import (
     find_layer_tensors,
     layer_plan,
@@ -286,13 +286,13 @@ def test_attention_tensors_used_in_slices_are_other():
 
 
 def test_attention_decomposition_that_disagrees_with_torch_is_not_trusted(monkeypatch):
-    original = capture._mha_decomposed
+    original = attention_capture._mha_decomposed
 
     def wrong(cap, a):   # noqa: ANN001, ANN202
         out, weights = original(cap, a)
         return 1.01 * out, weights
 
-    monkeypatch.setattr(capture, "_mha_decomposed", wrong)
+    monkeypatch.setattr(attention_capture, "_mha_decomposed", wrong)
     task = make_task(Attention(), seq(), 6)
     _, info = exact(task)
     assert info["per_example_gradient_tensors"] == 4
