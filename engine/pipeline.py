@@ -283,8 +283,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     and swaps the run into place (see :mod:`engine.distributed.writing`).
     """
     world = world or SINGLE
-    if not world.is_main:
-        echo = _quiet
+    echo = world.main_only(echo)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -314,9 +313,6 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
             raise KeyboardInterrupt(f"nothing was written ({staging.dest} is unchanged)"
                                     ) from None
 
-
-def _quiet(_: str) -> None:
-    """The echo of ranks other than 0 (rank 0 speaks for the run)."""
 
 
 def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoStageTask,

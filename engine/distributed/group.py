@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,10 @@ class DistContext:
         if self.distributed:
             dist.barrier()
             record("barrier", 0)
+
+    def main_only(self, echo: Callable[[str], None]) -> Callable[[str], None]:
+        """``echo`` on rank 0, a silent one on the others (rank 0 speaks for the run)."""
+        return echo if self.is_main else _silent
 
     def describe(self) -> dict[str, int | str | None]:
         """What a run manifest records about the process group."""
@@ -127,3 +132,7 @@ def shutdown(world: DistContext) -> None:
     """Destroy the default group if :func:`init_from_env` created it for ``world``."""
     if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _silent(_: str) -> None:
+    """The echo of ranks other than 0."""

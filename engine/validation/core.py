@@ -128,8 +128,7 @@ def validate(run_dir: str | os.PathLike, settings: ValidationSettings | None = N
     settings = settings or ValidationSettings()
     settings.check()
     world = world or SINGLE
-    if not world.is_main:
-        echo = _quiet
+    echo = world.main_only(echo)
     # One torch thread, like the workers: on a busy machine intra-op threads only contend.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -138,9 +137,6 @@ def validate(run_dir: str | os.PathLike, settings: ValidationSettings | None = N
     finally:
         torch.set_num_threads(threads)
 
-
-def _quiet(_: str) -> None:
-    """The echo of ranks other than 0."""
 
 
 def _validate(run_dir: Path, settings: ValidationSettings,
