@@ -6,11 +6,13 @@ Three things can be exported, each as CSV, Parquet or JSON lines:
 * ``flagged``: the flagged examples of the run;
 * ``minus-flagged``: the whole pretraining set without the flagged examples.
 
-Every export comes with a small manifest (run id, filters, score convention, counts) and
-``ids.txt`` (one ``example_id`` per line, the ids of the rows in the data file).  The zip bundle
-holds the data file, ``manifest.json`` and ``ids.txt``; the ``minus-flagged`` bundle adds
-``excluded_ids.txt`` (the flagged ids that were left out).  To retrain without the examples of
-an ids file: ``python -m engine run CONFIG --out NEW_RUN --exclude ids.txt``.
+Every export comes with a small manifest (run id, filters, score convention, counts) and an
+ids file named by what it lists (one ``example_id`` per line, the rows of the data file):
+``view_ids.txt``, ``flagged_ids.txt`` or ``kept_ids.txt``; the ``minus-flagged`` bundle adds
+``flagged_ids.txt`` (the ids it left out).  ``flagged`` and ``minus-flagged`` also carry the
+pretraining file's feature columns (:mod:`dashboard.export_features`), so "minus flagged" is a
+usable dataset.  To retrain without the flagged examples:
+``python -m engine run CONFIG --out NEW_RUN --exclude flagged_ids.txt``.
 
 Command line::
 
@@ -18,13 +20,13 @@ Command line::
         --format csv|parquet|jsonl --out FILE [--test-id ID] [filter options]
 
 ``--out`` ending in ``.zip`` writes the bundle; otherwise the data file is written to FILE and
-the manifest and ids beside it (``FILE.manifest.json``, ``FILE.ids.txt``).  Existing files are
-never replaced unless ``--overwrite`` is given, and then only the files this export writes
-(each written to a temporary file first and renamed into place); nothing is written inside the
-run directory or over the flag store.  ``--flags-db`` given explicitly must be an existing flags
-database.  Errors are one line on stderr, exit status 2.
+the manifest and ids beside it (``FILE.manifest.json``, ``FILE.flagged_ids.txt``, ...).
+Existing files are never replaced unless ``--overwrite`` is given, and then only the files
+this export writes (each written to a temporary file first and renamed into place); nothing
+is written inside the run directory or over the flag store.  ``--flags-db`` given explicitly
+must be an existing flags database.  Errors are one line on stderr, exit status 2.
 
-Ids files (``ids.txt``, ``excluded_ids.txt``) are written in the format
+Ids files (``view_ids.txt``, ``flagged_ids.txt``, ``kept_ids.txt``) are written in the format
 ``python -m engine run --exclude`` reads, defined once in :mod:`engine.ids_file`.
 
 File names derived from data (run ids, test ids) go through :func:`safe_file_name`.
@@ -52,6 +54,7 @@ from typing import Any
 import pandas as pd
 
 from dashboard.convention import SCORE_CONVENTION
+from dashboard.export_features import SourceDataError, with_source_columns
 from dashboard.filters import (
     DOMINANT_TERMS,
     FLAG_STATUSES,
@@ -71,6 +74,10 @@ FORMATS = ("csv", "parquet", "jsonl")
 MIME_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet",
               "jsonl": "application/x-ndjson", "zip": "application/zip"}
 FLAG_DETAIL_COLUMNS = ["flag_reason", "flag_note", "flagged_by", "flagged_at", "flag_test_id"]
+#: The ids file of each export, named by what it lists (the rows of the data file).
+IDS_FILES = {"view": "view_ids.txt", "flagged": "flagged_ids.txt", "minus-flagged": "kept_ids.txt"}
+#: The minus-flagged export also lists the ids it left out, ready for ``--exclude``.
+EXCLUDED_IDS_FILE = "flagged_ids.txt"
 
 
 @dataclass
@@ -100,22 +107,29 @@ class ExportBundle:
         """The rows serialised in ``fmt``."""
         return frame_bytes(self.frame, self.fmt)
 
+    @property
+    def ids_name(self) -> str:
+        """Name of the ids file of the rows (:data:`IDS_FILES`)."""
+        return IDS_FILES[self.manifest["what"]]
+
     def ids_text(self) -> str:
-        """``ids.txt``: one example id per line, in row order."""
+        """The ids file of the rows: one example id per line, in row order."""
         return ids_text(self.frame["example_id"])
 
     def manifest_bytes(self) -> bytes:
         return json.dumps(self.manifest, indent=2, sort_keys=True, default=str).encode()
 
     def zip_bytes(self) -> bytes:
-        """Zip holding the data file, ``manifest.json``, ``ids.txt`` (and ``excluded_ids.txt``)."""
+        """Zip holding the data file, ``manifest.json`` and the ids file of the rows
+        (``view_ids.txt``, ``flagged_ids.txt`` or ``kept_ids.txt``; minus-flagged adds
+        ``flagged_ids.txt``, the ids it left out)."""
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(self.data_name, self.data_bytes())
             zf.writestr("manifest.json", self.manifest_bytes())
-            zf.writestr("ids.txt", self.ids_text())
+            zf.writestr(self.ids_name, self.ids_text())
             if self.manifest["what"] == "minus-flagged":
-                zf.writestr("excluded_ids.txt", ids_text(self.excluded_ids))
+                zf.writestr(EXCLUDED_IDS_FILE, ids_text(self.excluded_ids))
         return buf.getvalue()
 
 
@@ -232,6 +246,15 @@ def build_export(run: Run, what: str, fmt: str, store: FlagStore,
         excluded = frame.loc[frame["flagged"], "example_id"].tolist()
         frame = frame[~frame["flagged"]]
     frame = _with_flag_details(frame.drop(columns=["row"]), flags).reset_index(drop=True)
+    features = "not included in view exports"
+    if what != "view":
+        try:
+            frame = with_source_columns(frame, run)
+            features = ("the pretraining file's feature columns, label values and ids under "
+                        "the config's column names (the run's class index as label_index): "
+                        "the file can replace [data] pretrain in the run's config")
+        except SourceDataError as exc:
+            features = f"not included: {exc}"
     counts = {
         "rows": len(frame),
         "n_pretrain": run.n_pretrain,
@@ -252,11 +275,13 @@ def build_export(run: Run, what: str, fmt: str, store: FlagStore,
         "score_convention": SCORE_CONVENTION,
         "counts": counts,
         "columns": list(frame.columns),
-        "ids_file": ("ids.txt (example ids of the rows in the data file, one per line; lines "
-                     "starting with # are comments; an id starting with # or \\ is written "
-                     "with a leading \\ that readers strip)"),
+        "features": features,
+        "ids_file": (f"{IDS_FILES[what]} (example ids of the rows in the data file, one per "
+                     "line; lines starting with # are comments; an id starting with # or \\ "
+                     "is written with a leading \\ that readers strip)"),
+        "excluded_ids_file": EXCLUDED_IDS_FILE if what == "minus-flagged" else None,
         "retrain_hint": ("python -m engine run CONFIG --out NEW_RUN --exclude "
-                         + ("excluded_ids.txt" if what == "minus-flagged" else "ids.txt")),
+                         + (EXCLUDED_IDS_FILE if what != "view" else IDS_FILES["view"])),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return ExportBundle(frame, manifest, fmt, excluded)
@@ -287,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--what", choices=WHATS, required=True)
     p.add_argument("--format", choices=FORMATS, default="csv")
     p.add_argument("--out", required=True,
-                   help="data file, or a .zip for data + manifest.json + ids.txt")
+                   help="data file, or a .zip for data + manifest.json + the ids file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files at --out (only the files this export writes)")
     p.add_argument("--test-id", help="test point whose scores to include (required for view)")
@@ -339,10 +364,10 @@ def bundle_files(bundle: ExportBundle, out: Path) -> dict[Path, bytes]:
         return {out: bundle.zip_bytes()}
     files = {out: bundle.data_bytes(),
              out.with_name(out.name + ".manifest.json"): bundle.manifest_bytes(),
-             out.with_name(out.name + ".ids.txt"): bundle.ids_text().encode()}
+             out.with_name(f"{out.name}.{bundle.ids_name}"): bundle.ids_text().encode()}
     if bundle.manifest["what"] == "minus-flagged":
         excluded = ids_text(bundle.excluded_ids).encode()
-        files[out.with_name(out.name + ".excluded_ids.txt")] = excluded
+        files[out.with_name(f"{out.name}.{EXCLUDED_IDS_FILE}")] = excluded
     return files
 
 

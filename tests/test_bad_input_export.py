@@ -187,7 +187,7 @@ def test_default_flag_store_missing_means_no_flags(runs, tmp_path, capsys):
     out = tmp_path / "all.zip"
     assert export_mod.main([str(runs / "r"), "--what", "minus-flagged", "--out", str(out)]) == 0
     with zipfile.ZipFile(out) as zf:
-        assert zf.read("excluded_ids.txt") == b""
+        assert zf.read("flagged_ids.txt") == b""
     assert not (runs / "flags.sqlite").exists()   # reading created nothing
 
 
@@ -198,7 +198,7 @@ def test_explicit_flags_db_is_used(runs, run_id, tmp_path):
     assert export_mod.main([str(runs / "r"), "--what", "minus-flagged", "--out", str(out),
                             "--flags-db", str(other.path)]) == 0
     with zipfile.ZipFile(out) as zf:
-        assert parse_ids_text(zf.read("excluded_ids.txt").decode()) == ["p000042"]
+        assert parse_ids_text(zf.read("flagged_ids.txt").decode()) == ["p000042"]
 
 
 # --- (7) damaged, non-SQLite and read-only flag stores --------------------------------------
@@ -350,7 +350,7 @@ def test_cli_exports_from_a_read_only_runs_directory(template):
         proc = _cli(d / "r", "--what", "minus-flagged", "--out", out_dir / "m.zip", user=user)
         assert proc.returncode == 0, proc.stderr
         with zipfile.ZipFile(out_dir / "m.zip") as zf:
-            assert parse_ids_text(zf.read("excluded_ids.txt").decode()) == FLAGGED
+            assert parse_ids_text(zf.read("flagged_ids.txt").decode()) == FLAGGED
         _assert_unchanged(before, d)
     finally:
         d.chmod(0o755)
@@ -419,22 +419,22 @@ def test_cli_out_onto_an_existing_directory(runs, tmp_path, capsys):
 def test_cli_never_overwrites_without_overwrite(runs, run_id, tmp_path):
     out = tmp_path / "o" / "view.csv"
     out.parent.mkdir()
-    (out.parent / "view.csv.ids.txt").write_text("user's own list\n")   # a sibling exists
+    (out.parent / "view.csv.kept_ids.txt").write_text("user's own list\n")   # a sibling exists
     (out.parent / "unrelated.txt").write_text("unrelated\n")
     before = _hashes(runs, tmp_path)
     proc = _cli(runs / "r", "--what", "minus-flagged", "--out", out)
-    _assert_one_line_error(proc, "view.csv.ids.txt", "already exists", "--overwrite")
+    _assert_one_line_error(proc, "view.csv.kept_ids.txt", "already exists", "--overwrite")
     _assert_unchanged(before, runs, tmp_path)
-    assert sorted(os.listdir(out.parent)) == ["unrelated.txt", "view.csv.ids.txt"]
+    assert sorted(os.listdir(out.parent)) == ["unrelated.txt", "view.csv.kept_ids.txt"]
 
     # With --overwrite exactly the files of this export are replaced, nothing else touched.
     assert export_mod.main([str(runs / "r"), "--what", "minus-flagged", "--out", str(out),
                             "--overwrite"]) == 0
     assert sorted(os.listdir(out.parent)) == [
-        "unrelated.txt", "view.csv", "view.csv.excluded_ids.txt", "view.csv.ids.txt",
+        "unrelated.txt", "view.csv", "view.csv.flagged_ids.txt", "view.csv.kept_ids.txt",
         "view.csv.manifest.json"]
     assert (out.parent / "unrelated.txt").read_text() == "unrelated\n"
-    assert parse_ids_text((out.parent / "view.csv.excluded_ids.txt").read_text()) == FLAGGED
+    assert parse_ids_text((out.parent / "view.csv.flagged_ids.txt").read_text()) == FLAGGED
     assert len(pd.read_csv(out)) == 60 - len(FLAGGED)
     _assert_unchanged(_hashes(runs), runs)
 
@@ -549,9 +549,9 @@ def test_cli_ids_with_hash_and_backslash_round_trip(odd_id_runs, tmp_path, capsy
                                                 "other")
     out = tmp_path / "m.csv"
     assert export_mod.main([str(run), "--what", "minus-flagged", "--out", str(out)]) == 0
-    excluded = (tmp_path / "m.csv.excluded_ids.txt").read_text(encoding="utf-8")
+    excluded = (tmp_path / "m.csv.flagged_ids.txt").read_text(encoding="utf-8")
     assert sorted(parse_ids_text(excluded)) == ["#hash", "\\back"]
-    kept = parse_ids_text((tmp_path / "m.csv.ids.txt").read_text(encoding="utf-8"))
+    kept = parse_ids_text((tmp_path / "m.csv.kept_ids.txt").read_text(encoding="utf-8"))
     assert len(kept) == 18 and "#hash" not in kept
 
 
@@ -600,10 +600,10 @@ def test_bundle_and_zip_entry_names_are_safe(test_id):
         _assert_safe(name)
     with zipfile.ZipFile(io.BytesIO(bundle.zip_bytes())) as zf:
         names = zf.namelist()
-        assert sorted(names) == sorted([bundle.data_name, "manifest.json", "ids.txt"])
+        assert sorted(names) == sorted([bundle.data_name, "manifest.json", "view_ids.txt"])
         for name in names:
             _assert_safe(name)
-        assert parse_ids_text(zf.read("ids.txt").decode()) == ["a", "#b"]
+        assert parse_ids_text(zf.read("view_ids.txt").decode()) == ["a", "#b"]
 
 
 def test_real_export_names_match_the_panel(runs, run_id):

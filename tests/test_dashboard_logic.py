@@ -356,9 +356,9 @@ def test_view_export_rows_equal_the_filtered_view(run, examples, store, fmt):
     assert m["filters"] == spec.to_dict() and m["score_convention"] == SCORE_CONVENTION
     assert m["counts"]["n_helpful"] + m["counts"]["n_harmful"] == len(view)
     with zipfile.ZipFile(io.BytesIO(bundle.zip_bytes())) as zf:
-        assert set(zf.namelist()) == {bundle.data_name, "manifest.json", "ids.txt"}
+        assert set(zf.namelist()) == {bundle.data_name, "manifest.json", "view_ids.txt"}
         assert json.loads(zf.read("manifest.json"))["counts"]["rows"] == len(view)
-        assert zf.read("ids.txt").decode() == bundle.ids_text()
+        assert zf.read("view_ids.txt").decode() == bundle.ids_text()
         assert len(read_frame(zf.read(bundle.data_name), fmt)) == len(view)
 
 
@@ -377,7 +377,8 @@ def test_flagged_and_minus_flagged_exports(run, store, fmt):
     assert "total" in rest.columns and not rest["flagged"].any()
     assert minus.manifest["counts"]["n_excluded"] == 3
     with zipfile.ZipFile(io.BytesIO(minus.zip_bytes())) as zf:
-        assert zf.read("excluded_ids.txt").decode().split() == ["p000003", "p000004", "p000100"]
+        assert zf.read("flagged_ids.txt").decode().split() == ["p000003", "p000004", "p000100"]
+        assert zf.read("kept_ids.txt").decode() == minus.ids_text()
 
 
 def test_export_errors(run, store):
@@ -397,7 +398,7 @@ def test_export_cli(runs, run, store, tmp_path, capsys):
     assert rc == 0
     data = pd.read_csv(out)
     assert len(data) == 6 and (data["total"] < 0).all()
-    ids = (tmp_path / "out" / "view.csv.ids.txt").read_text().split()
+    ids = (tmp_path / "out" / "view.csv.view_ids.txt").read_text().split()
     assert ids == list(data["example_id"])
     manifest = json.loads((tmp_path / "out" / "view.csv.manifest.json").read_text())
     assert manifest["filters"]["sign"] == "harmful" and manifest["counts"]["rows"] == 6
@@ -405,7 +406,7 @@ def test_export_cli(runs, run, store, tmp_path, capsys):
     assert export_mod.main([str(runs / "img"), "--what", "flagged", "--format", "parquet",
                             "--out", str(zpath), "--flags-db", str(store.path)]) == 0
     with zipfile.ZipFile(zpath) as zf:
-        assert zf.read("ids.txt").decode().split() == ["p000003", "p000004", "p000100"]
+        assert zf.read("flagged_ids.txt").decode().split() == ["p000003", "p000004", "p000100"]
     assert export_mod.main([str(runs / "img"), "--what", "view", "--out", str(out),
                             "--test-id", "nope"]) == 2
     assert "not in run" in capsys.readouterr().err
