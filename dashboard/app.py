@@ -35,6 +35,8 @@ PAGES = [
     st.Page("views/example.py", title="Pretraining example", url_path="example",
             icon=":material/image:"),
     st.Page("views/flag_list.py", title="Flags", url_path="flags", icon=":material/flag:"),
+    st.Page("views/compare.py", title="Compare runs", url_path="compare",
+            icon=":material/compare_arrows:"),
 ]
 
 page = st.navigation(PAGES)

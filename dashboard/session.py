@@ -83,10 +83,23 @@ def load(run_dir: Path) -> Run:
     return _load(str(run_dir), current)
 
 
+def _kept_id(key: str, present: bool) -> None:
+    if not present:
+        st.session_state[key] = ""
+
+
 def _reset_points() -> None:
-    """When the run changes, test / example ids of the previous run no longer apply."""
-    st.session_state[TEST_KEY] = ""
-    st.session_state[EXAMPLE_KEY] = ""
+    """When the run changes, keep the test point and the example when the new run has them
+    (comparing a run with its retrain, for instance), clear them otherwise."""
+    test_id = str(st.session_state.get(TEST_KEY) or "").strip()
+    example_id = str(st.session_state.get(EXAMPLE_KEY) or "").strip()
+    run_dir = run_path(runs_dir(), str(st.session_state.get(RUN_KEY) or ""))
+    try:
+        run = load(run_dir) if run_dir is not None and (test_id or example_id) else None
+    except RunError:
+        run = None  # the page says what is wrong with the run; ids of another run do not apply
+    _kept_id(TEST_KEY, run is not None and test_id in test_index(run.run_id, run))
+    _kept_id(EXAMPLE_KEY, run is not None and example_id in example_index(run.run_id, run))
 
 
 def _requested_run() -> str | None:

@@ -334,7 +334,7 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "render": ((dict,), False), "excluded_ids": ((list,), False),
     "input_hashes": ((dict,), False), "approximation": ((str, type(None)), False),
     "timings": ((dict,), False), "versions": ((dict,), False),
-    "distributed": ((dict,), False),
+    "distributed": ((dict,), False), "parent": ((dict,), False),
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from engine import artifacts
 
@@ -18,14 +19,26 @@ def _cmd_run(ns: argparse.Namespace) -> None:
 
     # Under torchrun: one worker of the process group, NCCL when the run's device is a GPU,
     # gloo on the CPU (the device's type is known before the group; its index is not).
+    parent = _parent_record(ns.parent) if ns.parent else None
     cfg = load_config(ns.config).with_overrides(device=ns.device)
     world = ns.world = init_from_env(run_device(cfg))
     try:
         exclude = read_ids_file(ns.exclude) if ns.exclude else []
         run(ns.config, ns.out, scenario=ns.scenario, alpha=ns.alpha, exclude_ids=exclude,
-            overwrite=ns.overwrite, world=world, device=ns.device)
+            overwrite=ns.overwrite, world=world, device=ns.device, yes=ns.yes, parent=parent,
+            progress_file=ns.progress_file)
     finally:
         shutdown(world)
+
+
+def _parent_record(path: str) -> dict[str, str]:
+    """``{"run_id", "name"}`` of the run at ``path`` (``--parent``); one-line error if it is
+    not a readable run."""
+    try:
+        manifest = artifacts.read_manifest(path)
+    except artifacts.RunError as exc:
+        raise artifacts.RunError(f"--parent {path} is not a readable run: {exc}") from None
+    return {"run_id": str(manifest["run_id"]), "name": Path(path).resolve().name}
 
 
 def _cmd_verify(ns: argparse.Namespace) -> None:
@@ -56,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain without these pretraining example ids (one per line)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N or auto")
+    r.add_argument("--yes", action="store_true",
+                   help="go ahead when --exclude removes more than half the pretraining data")
+    r.add_argument("--parent", metavar="RUN_DIR",
+                   help="record RUN_DIR as the run this one retrains (manifest `parent`)")
+    r.add_argument("--progress-file", metavar="PATH",
+                   help="append JSON lines of progress per phase to PATH (for a supervisor)")
     r.set_defaults(func=_cmd_run)
 
     v = sub.add_parser("verify", help="check a run directory's schema, shapes and hashes")

@@ -47,7 +47,7 @@ from engine.distributed.writing import (
 from engine.maps import map_coordinates
 from engine.models import build_model
 from engine.pause_points import pause_point
-from engine.progress import Progress, TrainingProgress
+from engine.progress import Progress, ProgressFile, TrainingProgress
 from engine.run_record import RunOutputs, write_outputs
 from engine.scores import InfluenceArguments, compute_scores
 from engine.task import TwoStageTask
@@ -126,6 +126,16 @@ def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedDat
                 f"files have {n_features} feature columns; fix image_shape (or the features)")
     return PreparedData(cfg, pretrain, ft_train, ft_test, keep,
                         list(dict.fromkeys(exclude_ids)), shift, scale)
+
+
+def check_exclusion_share(data: PreparedData, yes: bool, echo: Callable[[str], None]) -> None:
+    """Refuse (unless ``yes``) an exclusion of more than half the pretraining examples."""
+    n, m = len(data.excluded_ids), len(data.keep)
+    if 2 * n > m:
+        what = f"--exclude removes {n} of {m} pretraining examples (more than half)"
+        if not yes:
+            raise RunInputError(f"{what}; pass --yes if that is intended")
+        echo(f"WARNING: {what}; going ahead (--yes)")
 
 
 def build_task(data: PreparedData, device: torch.device | str | None = None) -> TwoStageTask:
@@ -272,10 +282,14 @@ def run_device(cfg: RunConfig, world: DistContext | None = None) -> torch.device
 def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = None,
         alpha: float | None = None, exclude_ids: Sequence[str] = (), overwrite: bool = False,
         echo: Callable[[str], None] = print, world: DistContext | None = None,
-        device: str | None = None) -> Path:
+        device: str | None = None, yes: bool = False, parent: dict[str, str] | None = None,
+        progress_file: str | Path | None = None) -> Path:
     """Train, evaluate, score and map; write the run atomically to ``out_dir``.
 
     ``device`` overrides the config's ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
+    Excluding more than half the pretraining examples is refused before training unless
+    ``yes``.  ``parent`` (``{"run_id", "name"}`` of the run this one retrains) is recorded in
+    the manifest; ``progress_file``: JSON lines per phase (:class:`ProgressFile`, rank 0).
 
     ``world`` (:func:`engine.distributed.init_from_env` under ``torchrun``): every rank calls
     this with the same arguments; sums over pretraining examples are all-reduced, each rank
@@ -291,9 +305,12 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
         timings[name] = round(time.perf_counter() - start, 3)
 
     t0 = time.perf_counter()
+    pf = ProgressFile(str(progress_file) if progress_file and world.is_main else None)
+    pf.start("load", "loading the data, checking the settings")
     cfg = load_config(config_path).with_overrides(scenario=scenario, alpha=alpha, device=device)
     run_on = run_device(cfg, world)   # before the data: a missing GPU fails at once
     data = prepare_data(cfg, exclude_ids)
+    check_exclusion_share(data, yes, echo)
     task = build_task(data, run_on)
     # Everything that can be checked is checked before training: each stage's solver against
     # its curvature's size and the memory budget, the test-point selection and the destination
@@ -305,7 +322,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     with staging:
         try:
             return _run(cfg, config_path, data, task, staging, overwrite, echo, timings, t0,
-                        t_all, phase, world)
+                        t_all, phase, world, pf, parent)
         except KeyboardInterrupt:
             if staging.path == staging.dest:      # the signal arrived right after the swap
                 raise KeyboardInterrupt(f"the run was written completely to {staging.dest}"
@@ -318,9 +335,11 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
 def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoStageTask,
          staging: artifacts.Staging | RankStaging, overwrite: bool,
          echo: Callable[[str], None], timings: dict[str, float], t0: float, t_all: float,
-         phase: Callable[[str, float], None], world: DistContext) -> Path:
+         phase: Callable[[str, float], None], world: DistContext, pf: ProgressFile,
+         parent: dict[str, str] | None) -> Path:
     main = world.is_main
     phase("load", t0)
+    pf.start("pretrain", "pretraining")
     echo(f"data: {int(data.keep.sum())} pretraining examples "
          f"({len(data.excluded_ids)} excluded), {len(data.finetune_train)} finetuning, "
          f"{len(data.finetune_test)} test; {task.u_layout.numel + task.w_layout.numel} "
@@ -331,7 +350,7 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     pause_point("training")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NotConvergedWarning)
-        fit = train(task, cfg, monitor=TrainingProgress() if main else None, world=world)
+        fit = train(task, cfg, monitor=TrainingProgress(sink=pf) if main else None, world=world)
     for w in caught:
         echo(f"WARNING: {w.message}")
     timings["pretrain"] = round(fit.pretrain.seconds, 3)
@@ -339,6 +358,8 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     echo(f"trained: pretraining gradient norm {fit.pretrain.final_grad_norm:.2e}, "
          f"finetuning {fit.finetune.final_grad_norm:.2e} ({time.perf_counter() - t0:.1f}s)")
 
+    pf.start("finetune", "finetuning")    # when training reported no finetuning step
+    pf.start("evaluate", "evaluating")
     t0 = time.perf_counter()
     dtype = DTYPES[cfg.dtype]
     x_test = torch.as_tensor(data.inputs(data.finetune_test), dtype=dtype, device=task.device)
@@ -360,6 +381,7 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     rows = select_test_points(cfg, data.finetune_test, correct)
     phase("evaluate", t0)
 
+    pf.start("influence", "scoring")
     t0 = time.perf_counter()
     inf = cfg.influence
     args = InfluenceArguments(
@@ -377,13 +399,15 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
          f"(solver {solvers}{rank})")
     pause_point("scoring")
     scores = compute_scores(task, fit, x_test[rows], y_test[rows], args,
-                            progress=Progress("per-example gradients") if main else None,
+                            progress=pf.tee(Progress("per-example gradients") if main else None,
+                                            "per-example gradients"),
                             world=world)
     timings.update({k: round(v, 3) for k, v in scores.timings.items()})
     if scores.settings["approximation"]:
         echo(f"NOTE: {scores.settings['approximation']}")
     phase("influence", t0)
 
+    pf.start("map", f"map: {cfg.map.method}")
     t0 = time.perf_counter()
     with torch.no_grad():
         f_pre = gather_rows(_by_rows(lambda r: task.features(fit.backbone_pre, own_x[r]),
@@ -412,9 +436,11 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
         timings["total"] = round(time.perf_counter() - t_all, 3)
         return write_outputs(cfg, config_path, data, task, outputs,
                              None if world.distributed else score_arrays, staging, overwrite,
-                             timings, world)
+                             timings, world, parent=parent)
 
+    pf.start("write", "writing the run")
     path = seal_on_main(world, staging, seal) if world.distributed else seal()
+    pf.finish(f"wrote {path}")
     echo(f"wrote {path} in {time.perf_counter() - t_all:.1f}s: test accuracy "
          f"{correct.mean():.3f}, {int((~correct).sum())} of {len(correct)} test points "
          "misclassified; time per phase: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()

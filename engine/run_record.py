@@ -83,10 +83,11 @@ def write_outputs(cfg: RunConfig, config_path: str | Path, data: PreparedData,
                   task: TwoStageTask, out: RunOutputs,
                   score_arrays: dict[str, np.ndarray] | None,
                   staging: Staging | RankStaging, overwrite: bool, timings: dict[str, float],
-                  world: DistContext) -> Path:
+                  world: DistContext, parent: dict[str, str] | None = None) -> Path:
     """Build the tables, manifest and model arrays and write the run (rank 0 only).
 
     ``score_arrays=None``: the score files are already in ``staging`` (written by the ranks).
+    ``parent``: the run this one retrains (``run --parent``), recorded as ``parent``.
     """
     fit, scores, rows, pred, correct = out.fit, out.scores, out.rows, out.pred, out.correct
     test = data.finetune_test
@@ -138,6 +139,8 @@ def write_outputs(cfg: RunConfig, config_path: str | Path, data: PreparedData,
         # under torchrun every rank uses cuda:LOCAL_RANK or the CPU).
         "device": {"requested": cfg.device, **numerics(task.device)},
     }
+    if parent is not None:   # {"run_id", "name"} of the run this one retrains
+        manifest["parent"] = dict(parent)
     model_arrays = {name: to_host(getattr(fit, name))
                     for name in ("backbone_pre", "w", "backbone_ft", "t")}
     return artifacts.write_run(staging.dest, manifest, test_df, pre_df, score_arrays,

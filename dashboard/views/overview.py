@@ -8,13 +8,16 @@ import plotly.io as pio
 import streamlit as st
 
 from dashboard import session
-from dashboard.charts import confusion_heatmap, group_influence_bars
+from dashboard.charts import confusion_heatmap
 from dashboard.example_display import example_table_view
-from dashboard.filters import aggregate_by_group, most_harmful, most_helpful
+from dashboard.filters import most_harmful, most_helpful
+from dashboard.group_charts import BOOT_LEVEL, N_BOOT, group_effect_bars, group_effects_cached
 from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import (
+    class_names,
     confusion_matrix,
     group_columns,
+    label_name,
     manifest_mapping,
     stage_rows,
     task_description,
@@ -23,6 +26,27 @@ from dashboard.run_details import (
 
 run = session.current_run()
 manifest = run.manifest
+_group_effects = group_effects_cached
+
+
+def _ranked_sources(effects: dict[str, pd.DataFrame], column: str, run) -> pd.DataFrame:
+    """One row per group: predicted effect on the misclassified points (with its interval) and
+    on all points, most harmful to the misclassified first."""
+    mis = effects["misclassified"].set_index("group")
+    every = effects["all"].set_index("group")
+    out = pd.DataFrame({
+        column: mis.index, "examples": mis["n_examples"].to_numpy(),
+        "predicted (misclassified)": mis["total"].to_numpy(),
+        "low": mis["total_low"].to_numpy(), "high": mis["total_high"].to_numpy(),
+        "pretrained term": mis["pretrained_term"].to_numpy(),
+        "finetuned term": mis["finetuned_term"].to_numpy(),
+        "predicted (all)": every.loc[mis.index, "total"].to_numpy(),
+        "harmful (interval < 0)": (mis["total_high"] < 0).to_numpy(),
+    })
+    if column == "label":
+        names = class_names(run, "pretrain")
+        out[column] = [label_name(names, int(v)) for v in out[column]]
+    return out
 metrics = manifest_mapping(run, "metrics")
 
 
@@ -134,32 +158,32 @@ else:
             st.plotly_chart(figure, key="loo_scatter")
 
 st.subheader("Which pretraining data help or hurt overall")
-all_inf = session.influence_over(run.run_id, "all", run)
-mis_inf = session.influence_over(run.run_id, "misclassified", run)
 groups = group_columns(run)
-key = st.radio("Group by", groups, key="ov_group", horizontal=True,
-               help="Pretraining label or a metadata column of the pretraining table")
-agg_all = aggregate_by_group(all_inf, key)
-agg_mis = aggregate_by_group(mis_inf, key)
-axis = "label_name" if key == "label" else key
-st.plotly_chart(group_influence_bars({f"all {run.n_test} test points": agg_all,
-                                      f"{n_mis} misclassified test points": agg_mis}, axis),
+key = st.radio("Group by", groups, key="ov_group", horizontal=True, bind="query-params",
+               help="Pretraining label or a metadata column of the pretraining table "
+                    "(`[data] metadata_columns`, e.g. `source`)")
+effects = {"all": _group_effects(run.run_id, key, "all", run),
+           "misclassified": _group_effects(run.run_id, key, "misclassified", run)}
+st.plotly_chart(group_effect_bars({f"all {run.n_test} test points": effects["all"],
+                                   f"{n_mis} misclassified test points":
+                                       effects["misclassified"]}),
                 key="group_bars", config={"displayModeBar": False})
-st.caption("Each bar: mean over the test points of the summed scores of the group's examples = "
-           "predicted change of the mean test loss if the whole group were removed (first "
-           "order). Negative (harmful) groups are candidates for cleaning.")
-merged = agg_all.merge(agg_mis, on=[c for c in agg_all.columns if c in (key, "label_name",
-                                                                         "n_examples")],
-                       suffixes=(" (all)", " (misclassified)"))
-st.dataframe(merged, hide_index=True, key="group_table",
-             column_config={c: st.column_config.NumberColumn(format="%.3e")
-                            for c in merged.columns if c.startswith(("total", "pretrained",
-                                                                     "finetuned"))})
+st.caption("Each bar: the predicted change of the mean test loss over those test points if "
+           "the whole group were removed (first order: the mean over test points of the summed "
+           f"scores of the group's examples), with a {BOOT_LEVEL:.0%} bootstrap interval over "
+           f"the test points ({N_BOOT} resamples). A group whose interval lies below zero is "
+           "harmful whichever test points are drawn: a candidate false-transfer source.")
+ranked = _ranked_sources(effects, key, run)
+st.markdown("**Harmful sources, most harmful to the misclassified points first**")
+st.dataframe(ranked, hide_index=True, key="group_table", column_config={
+    c: st.column_config.NumberColumn(format="%+.3e") for c in ranked.columns
+    if c.startswith(("predicted", "pretrained", "finetuned", "low", "high"))})
 
 st.subheader("False transfer: pretraining examples behind the misclassified test points")
 if n_mis == 0:
     st.info("No misclassified test points: nothing to trace.")
 else:
+    mis_inf = session.influence_over(run.run_id, "misclassified", run)
     st.caption(f"Scores averaged over the {n_mis} misclassified test points; `n_harmed` / "
                "`n_helped`: how many of them the example harms / helps.")
     k = st.slider("Examples per list", 5, 50, 10, key="ov_k")
