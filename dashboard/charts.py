@@ -12,126 +12,121 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard.convention import (
-    DIVERGING_SCALE,
     HARMFUL_COLOR,
     HELPFUL_COLOR,
     sign_color,
 )
+from dashboard.map_chart import hover_data
+from dashboard.map_chart import influence_map as influence_map  # re-exported (moved there)
 
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 
-
-def _hover(frame: pd.DataFrame) -> list[str]:
-    return [f"{eid} · label {lab}<br>total {t:.3g}<br>pretrained {p:.3g} · finetuned {f:.3g}"
-            for eid, lab, t, p, f in zip(frame["example_id"], frame["label_name"],
-                                         frame["total"], frame["pretrained_term"],
-                                         frame["finetuned_term"], strict=True)]
+_HOVER = ("%{customdata[0]} · label %{customdata[1]}<br>total %{customdata[2]}"
+          "<br>pretrained %{x:.3g} · finetuned %{y:.3g}<extra></extra>")
 
 
-def influence_map(sample: pd.DataFrame, xy: np.ndarray, test_xy: tuple[float, float] | None,
-                  test_id: str) -> go.Figure:
-    """2-D map of pretraining examples (``sample`` rows, coordinates ``xy[sample.row]``)
-    coloured by their total score on the test point, which is drawn as a star.
-
-    Each point carries its ``example_id`` as ``customdata`` so a box/lasso selection maps back
-    to ids (see :func:`selected_example_ids`).
-    """
-    rows = sample["row"].to_numpy()
-    pts = np.asarray(xy[rows], dtype=float) if len(rows) else np.zeros((0, 2))
-    total = sample["total"].to_numpy(dtype=float)
-    # Robust colour range: a few extreme scores would otherwise wash out everything else.
-    bound = float(np.quantile(np.abs(total), 0.98)) if len(total) else 0.0
-    bound = bound or float(np.abs(total).max(initial=0.0)) or 1.0
-    fig = go.Figure()
-    fig.add_trace(go.Scattergl(
-        x=pts[:, 0], y=pts[:, 1], mode="markers", name="pretraining examples",
-        customdata=sample["example_id"].to_numpy(),
-        hovertext=_hover(sample), hoverinfo="text",
-        marker=dict(color=total, colorscale=DIVERGING_SCALE, cmid=0.0, cmin=-bound, cmax=bound,
-                    size=6, line=dict(width=0.3, color="#888"),
-                    colorbar=dict(title="total<br>score", thickness=12)),
-    ))
-    if test_xy is not None:
-        fig.add_trace(go.Scatter(
-            x=[test_xy[0]], y=[test_xy[1]], mode="markers", name=f"test point {test_id}",
-            hoverinfo="name", marker=dict(symbol="star", size=18, color="#111",
-                                          line=dict(width=1.5, color="#ffd700"))))
-    fig.update_layout(
-        dragmode="select", height=430, margin=dict(l=10, r=10, t=30, b=10), showlegend=True,
-        legend=dict(orientation="h", y=-0.05), xaxis=dict(showticklabels=False),
-        yaxis=dict(showticklabels=False))
-    return fig
+def _line(axis: str, at: float = 0.0, color: str = "#999", dash: str | None = None) -> dict:
+    """A full-height (``axis="x"``) or full-width (``"y"``) line as a layout shape (cheaper
+    than ``add_vline`` / ``add_hline``)."""
+    line = dict(color=color, width=1, **({"dash": dash} if dash else {}))
+    if axis == "x":
+        return dict(type="line", xref="x", yref="paper", x0=at, x1=at, y0=0, y1=1, line=line)
+    return dict(type="line", xref="paper", yref="y", x0=0, x1=1, y0=at, y1=at, line=line)
 
 
 def term_scatter(frame: pd.DataFrame) -> go.Figure:
     """Pretrained-model term (x) vs finetuned-model term (y), one colour per sign of total,
     with quadrant lines and the ``total = 0`` diagonal."""
-    fig = go.Figure()
-    for name, mask, color in (("helpful (total > 0)", frame["total"] > 0, HELPFUL_COLOR),
-                              ("harmful (total < 0)", frame["total"] < 0, HARMFUL_COLOR)):
+    traces = []
+    total = frame["total"].to_numpy()
+    for name, mask, color in (("helpful (total > 0)", total > 0, HELPFUL_COLOR),
+                              ("harmful (total < 0)", total < 0, HARMFUL_COLOR)):
         part = frame[mask]
-        fig.add_trace(go.Scatter(
-            x=part["pretrained_term"], y=part["finetuned_term"], mode="markers", name=name,
-            customdata=part["example_id"].to_numpy(), hovertext=_hover(part), hoverinfo="text",
+        traces.append(go.Scatter(
+            x=part["pretrained_term"].to_numpy(), y=part["finetuned_term"].to_numpy(),
+            mode="markers", name=name, customdata=hover_data(part), hovertemplate=_HOVER,
             marker=dict(color=color, size=5, opacity=0.7)))
     lim = float(np.abs(frame[["pretrained_term", "finetuned_term"]].to_numpy()).max()) \
         if len(frame) else 1.0
-    fig.add_hline(y=0, line=dict(color="#999", width=1))
-    fig.add_vline(x=0, line=dict(color="#999", width=1))
-    fig.add_trace(go.Scatter(x=[-lim, lim], y=[lim, -lim], mode="lines", name="total = 0",
+    traces.append(go.Scatter(x=[-lim, lim], y=[lim, -lim], mode="lines", name="total = 0",
                              hoverinfo="skip", line=dict(color="#bbb", dash="dot")))
-    fig.update_layout(title=dict(text="Pretrained term vs finetuned term", font=dict(size=13)),
-                      xaxis_title="pretrained_term", yaxis_title="finetuned_term", height=360,
-                      margin=_MARGIN, legend=dict(orientation="h", y=-0.25))
-    return fig
+    return go.Figure(data=traces, layout=dict(
+        title=dict(text="Pretrained term vs finetuned term", font=dict(size=13)),
+        xaxis=dict(title=dict(text="pretrained_term")),
+        yaxis=dict(title=dict(text="finetuned_term")), height=360, margin=_MARGIN,
+        legend=dict(orientation="h", y=-0.25), shapes=[_line("x"), _line("y")]))
 
 
 def score_histogram(values: np.ndarray, bins: int = 60, title: str = "Histogram of total scores",
                     counted: str = "examples") -> go.Figure:
     """Histogram computed here (only bin counts go to the browser), bars in sign colours."""
     values = np.asarray(values, dtype=float)
-    fig = go.Figure()
+    traces = []
     if len(values):
         counts, edges = np.histogram(values, bins=bins)
         centers = (edges[:-1] + edges[1:]) / 2
-        fig.add_trace(go.Bar(x=centers, y=counts, width=np.diff(edges),
+        traces.append(go.Bar(x=centers, y=counts, width=np.diff(edges),
                              marker_color=[sign_color(c) for c in centers],
                              hovertemplate=f"score %{{x:.3g}}<br>%{{y}} {counted}<extra></extra>",
                              showlegend=False))
-    fig.add_vline(x=0, line=dict(color="#555", width=1, dash="dot"))
-    fig.update_layout(title=dict(text=title, font=dict(size=13)), xaxis_title="total score",
-                      yaxis_title=counted, bargap=0, height=360, margin=_MARGIN)
-    return fig
+    return go.Figure(data=traces, layout=dict(
+        title=dict(text=title, font=dict(size=13)), xaxis=dict(title=dict(text="total score")),
+        yaxis=dict(title=dict(text=counted)), bargap=0, height=360, margin=_MARGIN,
+        shapes=[_line("x", color="#555", dash="dot")]))
 
 
-def term_split_bars(frame: pd.DataFrame, max_rows: int = 30) -> go.Figure:
+def split_title(n_helpful: int, n_harmful: int, harmful_first: bool = False) -> str:
+    """Title of :func:`term_split_bars`: says exactly which rows it draws."""
+    pairs = ((n_helpful, "helpful"), (n_harmful, "harmful"))
+    parts = [f"{n} most {word}" for n, word in (pairs[::-1] if harmful_first else pairs) if n]
+    rows = " and ".join(parts) if parts else "no"
+    return (f"Term split of the {rows} examples in the tables ({n_helpful + n_harmful} bars)"
+            "<br><sup>pretrained_term (solid) + finetuned_term (hatched) = total (◆)</sup>")
+
+
+def term_split_bars(helpful: pd.DataFrame, harmful: pd.DataFrame, per_sign: int = 25,
+                    harmful_first: bool = False) -> go.Figure:
     """Per example: the pretrained term (solid) and the finetuned term (hatched) stacked on a
-    diverging axis, each segment in its sign colour; a black diamond marks the total."""
-    part = frame.head(max_rows).iloc[::-1]  # plotly draws the first category at the bottom
+    diverging axis, each segment in its sign colour; a black diamond marks the total.
+
+    Draws the first ``per_sign`` rows of ``helpful`` (most helpful first) and of ``harmful``
+    (most harmful first), every one of them labelled, and says how many in the title; the
+    harmful rows are drawn on top when ``harmful_first`` (as the tables order them).
+    """
+    helpful, harmful = helpful.head(per_sign), harmful.head(per_sign)
+    first, second = (harmful, helpful) if harmful_first else (helpful, harmful)
+    part = pd.concat([first, second]).iloc[::-1]  # plotly draws the first category lowest
     y = [f"{e} ({lab})" for e, lab in zip(part["example_id"], part["label_name"], strict=True)]
-    fig = go.Figure()
-    for col, pattern, name in (("pretrained_term", "", "pretrained_term (solid)"),
-                               ("finetuned_term", "/", "finetuned_term (hatched)")):
+    traces: list = []
+    for col, pattern in (("pretrained_term", ""), ("finetuned_term", "/")):
         vals = part[col].to_numpy(dtype=float)
-        fig.add_trace(go.Bar(
-            y=y, x=vals, orientation="h", name=name, showlegend=False,
+        traces.append(go.Bar(
+            y=y, x=vals, orientation="h", name=col, showlegend=False,
             marker=dict(color=[sign_color(v) for v in vals],
                         pattern=dict(shape=pattern, fgcolor="#fff", size=5),
                         line=dict(color="#333", width=0.5)),
             hovertemplate=f"%{{y}}<br>{col} %{{x:.3g}}<extra></extra>"))
-        # Legend entry in neutral grey: the bar colours themselves encode the sign.
-        fig.add_trace(go.Bar(y=[None], x=[None], orientation="h", name=name,
-                             marker=dict(color="#999", pattern=dict(shape=pattern, fgcolor="#fff",
-                                                                    size=5))))
-    fig.add_trace(go.Scatter(y=y, x=part["total"], mode="markers", name="total",
+    # Legend entries in neutral grey (the bar colours encode the sign): markers of traces
+    # without points, so they add no category (and no bar) to the chart.
+    for symbol, name in (("square", "pretrained_term (solid)"),
+                         ("square-open", "finetuned_term (hatched)")):
+        traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                                 hoverinfo="skip", marker=dict(symbol=symbol, color="#777",
+                                                               size=12)))
+    traces.append(go.Scatter(y=y, x=part["total"].to_numpy(), mode="markers", name="total",
                              marker=dict(symbol="diamond", color="#111", size=8),
                              hovertemplate="%{y}<br>total %{x:.3g}<extra></extra>"))
-    fig.add_vline(x=0, line=dict(color="#555", width=1))
-    fig.update_layout(barmode="relative", height=max(260, 22 * len(part) + 110),
-                      title=dict(text="Split of each score: pretrained_term + finetuned_term "
-                                      "= total", font=dict(size=13)),
-                      xaxis_title="score", margin=_MARGIN, legend=dict(orientation="h", y=-0.12))
-    return fig
+    height = max(280, 22 * len(part) + 140)
+    return go.Figure(data=traces, layout=dict(
+        barmode="relative", height=height,
+        shapes=[_line("x", color="#555")],
+        title=dict(text=split_title(len(helpful), len(harmful), harmful_first),
+                   font=dict(size=13)),
+        yaxis=dict(type="category", categoryorder="array", categoryarray=y, dtick=1,
+                   automargin=True),
+        xaxis=dict(title=dict(text="score")), margin=dict(l=10, r=10, t=60, b=10),
+        # Below the axis title whatever the height (paper units shrink as the chart grows).
+        legend=dict(orientation="h", yanchor="top", y=-70 / (height - 70))))
 
 
 def group_influence_bars(by_set: Mapping[str, pd.DataFrame], key: str) -> go.Figure:

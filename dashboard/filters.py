@@ -142,18 +142,13 @@ def flag_column(examples: pd.DataFrame, flagged_ids: Collection[str]) -> np.ndar
     return examples["example_id"].isin(set(flagged_ids)).to_numpy()
 
 
-def apply_filters(frame: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
-    """Rows of ``frame`` that pass ``spec``, in view order.
-
-    With score columns the view is ordered by ``total``: descending (most helpful first, most
-    harmful last), ascending (most harmful first) when ``sign`` is "harmful"; ``top_k`` keeps
-    the k most helpful and/or k most harmful rows.  Without score
-    columns (no test point), score-based parts of the spec are ignored and the pretraining-table
-    order is kept.
-    """
+def filter_mask(frame: pd.DataFrame, spec: FilterSpec) -> np.ndarray:
+    """Boolean array over the rows of ``frame``: does each pass every part of ``spec`` except
+    ``top_k`` (labels, groups, flags, text, map selection and, with score columns, sign, score
+    range and dominant term)."""
     mask = np.ones(len(frame), dtype=bool)
     if spec.labels:
-        mask &= frame["label"].isin(list(spec.labels)).to_numpy()
+        mask &= np.isin(frame["label"].to_numpy(), list(spec.labels))
     if spec.group_column and spec.groups:
         if spec.group_column not in frame.columns:
             raise ValueError(f"unknown group column {spec.group_column!r}")
@@ -164,12 +159,11 @@ def apply_filters(frame: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
     if spec.text_query:
         col = "text" if "text" in frame.columns else "example_id"
         mask &= frame[col].astype(str).str.contains(
-            spec.text_query, case=False, regex=False).to_numpy()
+            spec.text_query, case=False, regex=False).to_numpy(dtype=bool)
     if spec.selected_ids is not None:
         mask &= frame["example_id"].isin(set(spec.selected_ids)).to_numpy()
     if "total" not in frame.columns:
-        return frame[mask]
-
+        return mask
     total = frame["total"].to_numpy()
     if spec.sign == "helpful":
         mask &= total > 0
@@ -181,16 +175,46 @@ def apply_filters(frame: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
         mask &= total <= spec.score_max
     if spec.dominant_term != "any":
         mask &= frame["dominant_term"].to_numpy() == spec.dominant_term
-    out = frame[mask]
-    ascending = spec.sign == "harmful"
+    return mask
+
+
+def _ranked(positions: np.ndarray, values: np.ndarray, descending: bool) -> np.ndarray:
+    """``positions`` ordered by ``values`` (stable: ties keep their order)."""
+    order = np.argsort(-values if descending else values, kind="stable")
+    return positions[order]
+
+
+def filter_positions(frame: pd.DataFrame, spec: FilterSpec) -> np.ndarray:
+    """Positions (``iloc``) of the rows of ``frame`` that pass ``spec``, in view order (see
+    :func:`apply_filters`).  Works on numpy arrays only, so a 100,000-row frame is never copied
+    whole."""
+    idx = np.flatnonzero(filter_mask(frame, spec))
+    if "total" not in frame.columns:
+        return idx
+    total = frame["total"].to_numpy()
+    descending = spec.sign != "harmful"
     if spec.top_k is not None:
         parts = []
         if spec.sign in ("both", "helpful"):
-            parts.append(out[out["total"] > 0].nlargest(spec.top_k, "total"))
+            pos = idx[total[idx] > 0]
+            parts.append(_ranked(pos, total[pos], descending=True)[:spec.top_k])
         if spec.sign in ("both", "harmful"):
-            parts.append(out[out["total"] < 0].nsmallest(spec.top_k, "total"))
-        out = pd.concat(parts)
-    return out.sort_values("total", ascending=ascending, kind="stable")
+            neg = idx[total[idx] < 0]
+            parts.append(_ranked(neg, total[neg], descending=False)[:spec.top_k])
+        idx = np.concatenate(parts) if parts else idx[:0]
+    return _ranked(idx, total[idx], descending)
+
+
+def apply_filters(frame: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
+    """Rows of ``frame`` that pass ``spec``, in view order.
+
+    With score columns the view is ordered by ``total``: descending (most helpful first, most
+    harmful last), ascending (most harmful first) when ``sign`` is "harmful"; ``top_k`` keeps
+    the k most helpful and/or k most harmful rows (ties: the first in ``frame`` order).
+    Without score columns (no test point), score-based parts of the spec are ignored and the
+    pretraining-table order is kept.
+    """
+    return frame.iloc[filter_positions(frame, spec)]
 
 
 def mean_influence(examples: pd.DataFrame, scores: Mapping[str, np.ndarray],
@@ -261,6 +285,24 @@ def most_helpful(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     return frame[frame["total"] > 0].nlargest(k, "total")
 
 
+def sample_positions(total: np.ndarray, n_top: int = 1500, n_random: int = 2500,
+                     seed: int = 0) -> np.ndarray:
+    """Sorted positions of the ``n_top`` largest ``|total|`` plus ``n_random`` others drawn at
+    random (all positions when there are no more than ``n_top + n_random``).
+
+    Deterministic for a given ``seed``, so reruns draw the same points.
+    """
+    n = len(total)
+    if n <= n_top + n_random:
+        return np.arange(n)
+    mag = np.abs(np.asarray(total, dtype=float))
+    top = np.argpartition(-mag, n_top - 1)[:n_top] if n_top > 0 else np.zeros(0, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(n), top, assume_unique=True)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(rest, size=min(n_random, len(rest)), replace=False)
+    return np.sort(np.concatenate([top, sample]))
+
+
 def map_sample(frame: pd.DataFrame, n_top: int = 1500, n_random: int = 2500,
                seed: int = 0) -> pd.DataFrame:
     """Downsample rows for the map: the ``n_top`` largest |total| plus a random sample of the rest.
@@ -269,9 +311,4 @@ def map_sample(frame: pd.DataFrame, n_top: int = 1500, n_random: int = 2500,
     """
     if len(frame) <= n_top + n_random:
         return frame
-    mag = np.abs(frame["total"].to_numpy())
-    top = np.argpartition(-mag, n_top - 1)[:n_top]
-    rest = np.setdiff1d(np.arange(len(frame)), top, assume_unique=True)
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(rest, size=min(n_random, len(rest)), replace=False)
-    return frame.iloc[np.sort(np.concatenate([top, sample]))]
+    return frame.iloc[sample_positions(frame["total"].to_numpy(), n_top, n_random, seed)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import pandas as pd
@@ -25,6 +25,7 @@ REASON_KEY = "flag_reason"
 NOTE_KEY = "flag_note"
 CONFIRM_KEY = "flag_all_pending"
 ERROR_KEY = "flag_store_error"
+TOAST_KEY = "flag_all_done"
 T = TypeVar("T")
 
 
@@ -95,9 +96,11 @@ def _persist_edits(editor_key: str, ids: Sequence[str], store: FlagStore, run_id
 
 
 def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: dict,
-                key: str, test_id: str | None, height: int | str = "auto") -> None:
+                key: str, test_id: str | None, height: int | str = "auto",
+                style: Callable[[pd.DataFrame], Any] | None = None) -> None:
     """Editable table: ``display`` plus a leading ``flagged`` checkbox column taken from
-    ``frame["flagged"]`` (same row order as ``display``)."""
+    ``frame["flagged"]`` (same row order as ``display``).  ``style`` (optional) turns the
+    table into a pandas Styler; its colours apply to the read-only columns only."""
     ids = tuple(frame["example_id"])
     flagged = frame["flagged"].to_numpy(dtype=bool)
     signature = hashlib.sha1(repr((run.run_id, ids, flagged.tobytes())).encode()).hexdigest()
@@ -107,7 +110,8 @@ def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: di
     config = dict(config, flagged=st.column_config.CheckboxColumn(
         "flag", width=70, help="Tick to flag, untick to unflag (saved at once)"))
     st.data_editor(
-        table, key=editor_key, hide_index=True, column_config=config, height=height,
+        style(table) if style is not None else table, key=editor_key, hide_index=True,
+        column_config=config, height=height,
         disabled=[c for c in table.columns if c != "flagged"], row_height=40,
         on_change=_persist_edits,
         args=(editor_key, ids, session.flag_store(run), run.run_id, test_id))
@@ -118,20 +122,46 @@ def _flag_all(store: FlagStore, run_id: str, ids: Sequence[str], test_id: str | 
     st.session_state.pop(CONFIRM_KEY, None)
     if guarded_write(store.flag, run_id, ids, reason, note, session.user_name(), test_id,
                      overwrite=False):
-        st.toast(f"Flagged {len(ids)} examples as {reason!r}")
+        # Shown by flag_all_shown on the rerun: a callback of a widget inside a fragment must
+        # not display elements itself.
+        st.session_state[TOAST_KEY] = f"Flagged {len(ids)} examples as {reason!r}"
 
 
-def flag_all_shown(run: Run, ids: Sequence[str], test_id: str | None) -> None:
+def flag_all_shown(run: Run, ids: Sequence[str], test_id: str | None,
+                   helpful_ids: Collection[str] = ()) -> None:
     """"Flag all N shown" button; flags only after an explicit confirmation.  Examples that are
-    already flagged keep their reason."""
+    already flagged keep their reason.
+
+    When some of the shown examples are helpful (``helpful_ids``: total > 0, removing them is
+    predicted to raise this test point's loss), the confirmation says how many and offers to
+    flag only the harmful ones (key ``flag_all_harmful``)."""
     ids = tuple(ids)
+    helpful = set(helpful_ids)
+    done = st.session_state.pop(TOAST_KEY, None)
+    if done:
+        st.toast(done, icon=":material/flag:")
     if st.button(f"Flag all {len(ids)} shown…", key="flag_all", disabled=not ids):
         st.session_state[CONFIRM_KEY] = ids
     if st.session_state.get(CONFIRM_KEY) == ids and ids:
         reason, _ = _reason()
-        st.warning(f"Flag all {len(ids)} examples shown as **{reason}**?")
-        c1, c2, _ = st.columns([1, 1, 4])
-        c1.button("Confirm", key="flag_all_confirm", type="primary", on_click=_flag_all,
-                  args=(session.flag_store(run), run.run_id, ids, test_id))
-        c2.button("Cancel", key="flag_all_cancel",
+        n_helpful = sum(1 for e in ids if e in helpful)
+        others = tuple(e for e in ids if e not in helpful)
+        store = session.flag_store(run)
+        if n_helpful:
+            st.warning(
+                f"Flag all {len(ids)} examples shown as **{reason}**? **{n_helpful} of them are "
+                f"helpful** (total > 0): removing them is predicted to *raise* this test "
+                f"point's loss. Flag only the {len(others)} harmful ones instead?",
+                icon=":material/warning:")
+        else:
+            st.warning(f"Flag all {len(ids)} examples shown as **{reason}**?")
+        c1, c2, c3, _ = st.columns([1.3, 1.6, 1, 2.5])
+        c1.button(f"Confirm: flag all {len(ids)}", key="flag_all_confirm",
+                  type="secondary" if n_helpful else "primary", on_click=_flag_all,
+                  args=(store, run.run_id, ids, test_id))
+        if n_helpful:
+            c2.button(f"Flag only the {len(others)} harmful", key="flag_all_harmful",
+                      type="primary", disabled=not others, on_click=_flag_all,
+                      args=(store, run.run_id, others, test_id))
+        c3.button("Cancel", key="flag_all_cancel",
                   on_click=lambda: st.session_state.pop(CONFIRM_KEY, None))

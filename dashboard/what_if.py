@@ -77,6 +77,29 @@ def removal_prediction(run: Run, example_ids: Collection[str], score: str = "tot
     return _column_sum(run.scores[score], removal_columns(run, example_ids))
 
 
+def point_prediction(run: Run, example_ids: Collection[str], test_row: int) -> dict[str, float]:
+    """The what-if of one test point (a row of ``run.test_points``): ``measurement``,
+    ``predicted_change`` (and per term) and ``predicted_after``.  Reads only that row of each
+    score matrix, so it is cheap enough to run on every flag edit."""
+    columns = removal_columns(run, example_ids)
+    tp = run.test_points
+    column = "measurement" if "measurement" in tp else "loss"
+    out = {"measurement": float(tp[column].iloc[test_row])}
+    for name, key in (("total", "predicted_change"), ("pretrained_term", "pretrained_term"),
+                      ("finetuned_term", "finetuned_term")):
+        row = np.asarray(run.scores[name][test_row], dtype=np.float64)
+        out[key] = float(row[columns].sum()) if len(columns) else 0.0
+    out["predicted_after"] = out["measurement"] + out["predicted_change"]
+    out["n_removed"] = float(len(columns))
+    return out
+
+
+def point_outcome(run: Run, correct: bool, predicted_after: float) -> str:
+    """One of :data:`OUTCOMES` for one point (see :func:`flip_thresholds`)."""
+    lo, hi = flip_thresholds(run)
+    return _outcome(bool(correct), float(predicted_after), lo, hi)
+
+
 def flip_thresholds(run: Run) -> tuple[float, float]:
     """``(fixed_below, broken_above)``: a point is certainly classified correctly when its
     measurement is below the first, certainly misclassified when above the second.

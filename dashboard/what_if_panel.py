@@ -12,7 +12,13 @@ import streamlit as st
 
 from dashboard.example_display import test_links
 from dashboard.md_escape import md_code
-from dashboard.what_if import FIRST_ORDER_LABEL, WhatIf, what_if
+from dashboard.what_if import (
+    FIRST_ORDER_LABEL,
+    WhatIf,
+    point_outcome,
+    point_prediction,
+    what_if,
+)
 from engine.artifacts import Run
 
 MAX_LISTED = 30
@@ -45,16 +51,20 @@ def point_what_if(run: Run, flagged_ids: Collection[str], test_id: str) -> None:
         st.caption(":material/lightbulb: Flag examples to see the predicted effect of removing "
                    "them on this test point (first order, from the scores).")
         return
-    result = cached_what_if(run, flagged_ids)
-    row = result.row(test_id)
-    if row is None:
+    rows = run.test_points.index[run.test_points["test_id"].astype(str) == str(test_id)]
+    if len(rows) == 0:
         return
+    position = int(run.test_points.index.get_loc(rows[0]))
+    row = point_prediction(run, flagged_ids, position)
+    outcome = point_outcome(run, bool(run.test_points["correct"].iloc[position]),
+                            row["predicted_after"])
+    n_removed = int(row["n_removed"])
     name = _measure_name(run)
     verdict = {"predicted fix": ":green-badge[predicted to become correct]",
                "predicted break": ":red-badge[predicted to become misclassified]",
-               "undetermined": ":gray-badge[cannot tell whether it flips]"}.get(row["outcome"], "")
+               "undetermined": ":gray-badge[cannot tell whether it flips]"}.get(outcome, "")
     st.markdown(
-        f"**If the {result.n_removed} flagged examples are removed:** {name} "
+        f"**If the {n_removed} flagged examples are removed:** {name} "
         f"{row['measurement']:.3f} → **{row['predicted_after']:.3f}** (predicted change "
         f"{row['predicted_change']:+.3f} = pretrained-model term {row['pretrained_term']:+.3f}"
         f" + finetuned-model term {row['finetuned_term']:+.3f}) {verdict}",

@@ -460,7 +460,8 @@ def test_stale_flag_table_selection_is_ignored(runs):
     before = snapshot(runs)
     at = open_page(FLAGS_PAGE)
     # Row positions from a table that had more rows (another session unflagged since).
-    at.session_state["flags_table"] = {"selection": {"rows": [0, 5, 99, -1], "columns": []}}
+    (table,) = [d for d in at.dataframe if str(d.key or "").startswith("flags_table_")]
+    at.session_state[table.key] = {"selection": {"rows": [0, 5, 99, -1], "columns": []}}
     at.run()
     assert not at.exception
     at.button(key="unflag_selected").click().run()

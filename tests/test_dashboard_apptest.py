@@ -103,8 +103,19 @@ def test_overview_page(runs_dir, run):
     at.switch_page("views/overview.py").run()
     at.radio(key="ov_group").set_value("source").run()
     assert not at.exception
-    (groups,) = tables_with(at, "n_examples")
+    (groups,) = tables_with(at, "predicted (misclassified)")
     assert set(groups["source"]) == {"flipped", "original"}
+    # Predicted effect of removing a group = mean over the misclassified points of its summed
+    # scores, with a bootstrap interval around it; most harmful first.
+    mis = ~run.test_points["correct"].astype(bool).to_numpy()
+    total = np.asarray(run.scores["total"], dtype=np.float64)[mis]
+    source = run.pretrain_examples["source"].astype(str).to_numpy()
+    for _, g in groups.iterrows():
+        expected = total[:, source == g["source"]].sum(axis=1).mean()
+        assert g["predicted (misclassified)"] == pytest.approx(expected, rel=1e-9)
+        assert g["low"] <= g["predicted (misclassified)"] <= g["high"]
+        assert g["examples"] == int((source == g["source"]).sum())
+    assert groups["predicted (misclassified)"].is_monotonic_increasing
 
 
 def test_overview_shows_validation_and_convergence_warning(runs_dir):
@@ -221,8 +232,9 @@ def test_flag_all_shown_persists_across_sessions(runs_dir, run):
     # A fresh session (as after a restart) still sees them, on the flags page too.
     fresh = open_page(FLAGS_PAGE)
     assert "6 flagged examples" in texts(fresh.markdown)
-    assert len(fresh.dataframe(key="flags_table").value) == 6
-    fresh.session_state["flags_table"] = {"selection": {"rows": [0, 1], "columns": []}}
+    (table,) = [d for d in fresh.dataframe if str(d.key or "").startswith("flags_table_")]
+    assert len(table.value) == 6
+    fresh.session_state[table.key] = {"selection": {"rows": [0, 1], "columns": []}}
     fresh.run()
     fresh.button(key="unflag_selected").click().run()
     assert not fresh.exception

@@ -131,7 +131,7 @@ def test_flag_from_the_table_survives_a_reload(page, server, e2e_runs_dir, run,
     wait_ready(page, settle_ms=800)
     nav(page, "Flags")
     n = len(before) + 1
-    page.get_by_text(f"{n} flagged example{'s' if n != 1 else ''}").wait_for()
+    page.get_by_text(re.compile(rf"^{n} flagged example{'s' if n != 1 else ''} ·")).wait_for()
     screenshot(page, "flags")
     goto(page, server, f"/example?example_id={example_id}")
     page.get_by_text("Flagged as").wait_for()
@@ -149,10 +149,50 @@ def test_download_export_zip(page, server, misclassified_id):
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = zf.namelist()
         manifest = json.loads(zf.read("manifest.json"))
-        ids = zf.read("ids.txt").decode().split()
+        ids = zf.read("view_ids.txt").decode().split()
         (data_name,) = [x for x in names if x.endswith(".csv")]
         rows = pd.read_csv(zf.open(data_name), dtype={"example_id": str})
     assert manifest["counts"]["rows"] == len(rows) == len(ids) == n
     assert manifest["test_id"] == misclassified_id
     assert manifest["score_convention"] == SCORE_CONVENTION
     assert list(rows["example_id"]) == ids
+
+
+def test_filters_live_in_the_url(page, server, misclassified_id, browser):
+    """Filter widgets are bound to the URL: changing one rewrites the URL in place, a reload and
+    a shared link (a new session) restore the view, and the sidebar link back to the page
+    restores it from the session.  The evidence (harmful first on a misclassified point) and
+    the thumbnail strips are on the page."""
+    goto(page, server, f"/test-point?test_id={misclassified_id}")
+    headings = page.locator("h4").all_inner_texts()
+    assert [h.split(" (")[0] for h in headings[:2]] == ["Most harmful", "Most helpful"]
+    thumbs = page.locator("[data-testid='stImage'] a[href*='example?example_id=']")
+    thumbs.nth(15).wait_for()
+    assert thumbs.count() == 16
+    page.locator(".st-key-f_sign label").filter(has_text="harmful").first.click()
+    wait_ready(page, settle_ms=800)
+    top_k = page.locator(".st-key-f_top_k input")
+    top_k.fill("5")
+    top_k.press("Enter")
+    page.wait_for_timeout(500)
+    wait_ready(page, settle_ms=800)
+    assert "f_sign=harmful" in page.url and "f_top_k=5" in page.url
+    assert shown_count(page) == 5
+    url = page.url
+    page.reload()
+    wait_ready(page, settle_ms=800)
+    assert page.url == url and shown_count(page) == 5
+    assert page.locator(".st-key-f_top_k input").input_value() == "5"
+    screenshot(page, "test_point_filtered")
+    # A shared link opens the same view in a fresh session.
+    other = browser.new_context(viewport={"width": 1500, "height": 1400}).new_page()
+    try:
+        goto(other, server, url.removeprefix(server))
+        assert shown_count(other) == 5
+    finally:
+        other.context.close()
+    # Away and back through the sidebar: the session keeps the filters (and the URL again).
+    nav(page, "Overview")
+    assert "f_top_k" not in page.url
+    nav(page, "Test point")
+    assert shown_count(page) == 5 and "f_top_k=5" in page.url

@@ -112,15 +112,16 @@ def test_flag_what_if_retrain_compare(page, server, e2e_runs_dir):
     href = link.get_attribute("href")
     assert href and "compare" in href
     _goto(page, f"{server}/compare?run=digits&compare={quote(child)}&test_id={quote(test_id)}")
-    main = page.locator("[data-testid='stMain']")
-    page.get_by_text(re.compile("this point")).first.wait_for()
+    line = page.get_by_text(re.compile(rf"This point {re.escape(test_id)}")).first
+    line.wait_for()
     before = float(run.test_points["loss"].iloc[row])
     crow = int(np.flatnonzero(child_run.test_points["test_id"].astype(str) == test_id)[0])
     after = float(child_run.test_points["loss"].iloc[crow])
-    text = main.inner_text()
-    for value in (before, after):
-        assert f"{value:.3f}" in text, f"{value:.3f} not on the comparison page"
-    assert f"{predicted:+.3f}" in text and f"{after - before:+.3f}" in text
+    numbers = re.search(r"loss before ([-+\d.e]+), after ([-+\d.e]+), predicted change "
+                        r"([-+\d.e]+), actual change ([-+\d.e]+)", line.inner_text())
+    assert numbers, line.inner_text()
+    shown = [float(v) for v in numbers.groups()]
+    assert shown == pytest.approx([before, after, predicted, after - before], abs=1e-4)
     screenshot(page, "loop-7-compare")
     print(f"\n[e2e loop] {test_id}: loss {before:.3f} -> {after:.3f}, predicted change "
           f"{predicted:+.3f}, actual {after - before:+.3f}")
