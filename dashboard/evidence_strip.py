@@ -41,7 +41,7 @@ def strip_caption(example_id: str, label: str, total: float, noisy: bool) -> str
 def _strip(run: Run, rows: pd.DataFrame, threshold: float | None) -> None:
     noisy = (noise_flags(rows["pretrain_loss"], threshold) if "pretrain_loss" in rows.columns
              else [False] * len(rows))
-    links = example_links(rows["example_id"].tolist())
+    links = example_links(rows["example_id"].tolist(), run.path.name)
     kind = render_spec(run).kind
     if kind != "image":
         lines = []

@@ -58,15 +58,24 @@ def thumbnails(run: Run, rows: Sequence[int]) -> list[str] | None:
     return out
 
 
-def example_links(ids: Sequence[str]) -> list[str]:
+def _run_param(run_name: str | None) -> str:
+    # The run goes first so that display patterns ending in "<key>=(.*)$" still see the id.
+    return f"run={quote(str(run_name), safe='')}&" if run_name else ""
+
+
+def example_links(ids: Sequence[str], run_name: str | None = None) -> list[str]:
     """Relative links to the example page of each id (open in a new tab); ids are URL-encoded,
-    so ``&``, ``#``, ``%``, ``+`` or spaces in an id cannot change the link's target."""
-    return [f"{EXAMPLE_PAGE_URL}?example_id={quote(str(e), safe='')}" for e in ids]
+    so ``&``, ``#``, ``%``, ``+`` or spaces in an id cannot change the link's target.  With
+    ``run_name`` the link also names the run (a new tab otherwise opens the default run)."""
+    prefix = _run_param(run_name)
+    return [f"{EXAMPLE_PAGE_URL}?{prefix}example_id={quote(str(e), safe='')}" for e in ids]
 
 
-def test_links(ids: Sequence[str]) -> list[str]:
-    """Relative links to the test point page of each id (open in a new tab), URL-encoded."""
-    return [f"{TEST_PAGE_URL}?test_id={quote(str(t), safe='')}" for t in ids]
+def test_links(ids: Sequence[str], run_name: str | None = None) -> list[str]:
+    """Relative links to the test point page of each id (open in a new tab), URL-encoded;
+    ``run_name`` as for :func:`example_links`."""
+    prefix = _run_param(run_name)
+    return [f"{TEST_PAGE_URL}?{prefix}test_id={quote(str(t), safe='')}" for t in ids]
 
 
 def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[str],
@@ -85,7 +94,7 @@ def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[st
     elif "text" in frame.columns:
         view["text"] = frame["text"].str.slice(0, 80).to_numpy()
         config["text"] = st.column_config.TextColumn("text", width="medium")
-    view["example"] = example_links(frame["example_id"].tolist())
+    view["example"] = example_links(frame["example_id"].tolist(), run.path.name)
     config["example"] = st.column_config.LinkColumn(
         "example_id", display_text=r"example_id=(.*)$", width="small",
         help="Open the pretraining example page in a new tab")
@@ -142,7 +151,7 @@ def evidence_table_view(
     elif "text" in frame.columns:
         view["text"] = frame["text"].str.slice(0, 80).to_numpy()
         config["text"] = st.column_config.TextColumn("text", width="medium")
-    view["example"] = example_links(frame["example_id"].tolist())
+    view["example"] = example_links(frame["example_id"].tolist(), run.path.name)
     config["example"] = st.column_config.LinkColumn(
         "example_id", display_text=r"example_id=(.*)$", width="small",
         help="Open the pretraining example page in a new tab")

@@ -20,10 +20,13 @@ from typing import Any
 from dashboard.jobs import Job
 
 #: The engine's phases in order (the keys of a run's ``timings``; ``write`` is the remainder).
-PHASES = ("load", "pretrain", "finetune", "evaluate", "influence", "map", "write")
+PHASES = ("load", "pretrain", "finetune", "evaluate", "influence", "map", "finetune_influence",
+          "write")
 PHASE_LABELS = {"starting": "starting", "load": "loading data", "pretrain": "pretraining",
                 "finetune": "finetuning", "evaluate": "evaluating", "influence": "scoring",
-                "map": "computing the map", "write": "writing the run", "done": "done"}
+                "map": "computing the map",
+                "finetune_influence": "scoring the finetuning examples",
+                "write": "writing the run", "done": "done"}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 
 from dashboard.runs_dir import fingerprint
-from engine.artifacts import SCORE_NAMES, Run, RunError, load_run, read_manifest
+from engine.artifacts import (
+    FINETUNE_SCORES_FILE,
+    SCORE_NAMES,
+    Run,
+    RunError,
+    load_run,
+    read_manifest,
+)
 
 _CHANGED = ("changed on disk while the dashboard had it open ({why}); reload the page to "
             "re-open the run (its hashes are checked again)")
@@ -215,4 +222,11 @@ def open_run(run_dir: str | os.PathLike) -> Run:
     if before != after:
         raise RunError(f"{path} changed while it was being opened (a run being written or "
                        "copied?); reload the page once it is complete.")
-    return dataclasses.replace(loaded, scores=scores, pretrain_xy=pretrain_xy, test_xy=test_xy)
+    finetune_scores = None
+    if loaded.finetune_scores is not None:   # no memory map here either (see module docstring)
+        finetune_scores = ScoreMatrix(Path(path) / FINETUNE_SCORES_FILE)
+        if finetune_scores.shape != tuple(loaded.finetune_scores.shape):
+            raise RunError(f"{path}/{FINETUNE_SCORES_FILE} changed while it was being opened; "
+                           "reload the page once the run is complete.")
+    return dataclasses.replace(loaded, scores=scores, pretrain_xy=pretrain_xy, test_xy=test_xy,
+                               finetune_scores=finetune_scores)

@@ -105,7 +105,7 @@ def what_if_summary(run: Run, flagged_ids: Collection[str], key: str = "what_if"
             st.markdown(f"**{title} ({len(ids)}):** {shown}{more}")
     table = frame.sort_values("predicted_change", kind="stable").reset_index(drop=True)
     view = pd.DataFrame({
-        "test point": test_links(table["test_id"].tolist()),
+        "test point": test_links(table["test_id"].tolist(), run.path.name),
         "now": table["correct"].map({True: "correct", False: "misclassified"}),
         f"{name} now": table["measurement"], "predicted change": table["predicted_change"],
         f"predicted {name}": table["predicted_after"], "outcome": table["outcome"],

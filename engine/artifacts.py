@@ -10,6 +10,9 @@ A run directory holds::
     scores/finetuned_term.npy  (n_test, n_pretrain) float32
     map/pretrain_xy.npy        (n_pretrain, 2) float32, 2-D map coordinates
     map/test_xy.npy            (n_test, 2) float32
+    finetune_scores.npy        optional: (n_test, n_finetune) float32, influence of the
+                               finetuning examples (:mod:`engine.finetune_influence`)
+    finetune_examples.parquet  optional (with it): one row per finetuning example (its columns)
     validation/                optional, written by ``python -m engine validate``
 
 A run is written into a temporary sibling directory and renamed into place only once every file
@@ -44,6 +47,11 @@ TEST_TABLE = "test_points.parquet"
 PRETRAIN_TABLE = "pretrain_examples.parquet"
 TEST_REQUIRED = ("test_id", "label", "pred", "loss", "correct")
 PRETRAIN_REQUIRED = ("example_id", "label")
+# Optional finetuning-data influence (engine.finetune_influence): both files or neither.
+FINETUNE_SCORES_FILE = "finetune_scores.npy"
+FINETUNE_TABLE = "finetune_examples.parquet"
+FINETUNE_FILES = (FINETUNE_SCORES_FILE, FINETUNE_TABLE)
+FINETUNE_REQUIRED = ("example_id",)
 
 
 class RunError(ValueError):
@@ -52,7 +60,11 @@ class RunError(ValueError):
 
 @dataclass
 class Run:
-    """A loaded run: tables in memory, score matrices memory-mapped read-only."""
+    """A loaded run: tables in memory, score matrices memory-mapped read-only.
+
+    ``finetune_scores`` (``(n_test, n_finetune)``, memory-mapped) and ``finetune_examples``
+    (its columns' table) are the finetuning-data influence when the run has it, else ``None``.
+    """
 
     path: Path
     manifest: dict[str, Any]
@@ -62,6 +74,8 @@ class Run:
     pretrain_xy: np.ndarray
     test_xy: np.ndarray
     validation: dict[str, Any] | None = field(default=None)
+    finetune_scores: np.ndarray | None = field(default=None)
+    finetune_examples: pd.DataFrame | None = field(default=None)
 
     @property
     def run_id(self) -> str:
@@ -335,6 +349,7 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "input_hashes": ((dict,), False), "approximation": ((str, type(None)), False),
     "timings": ((dict,), False), "versions": ((dict,), False),
     "distributed": ((dict,), False), "parent": ((dict,), False),
+    "finetune_influence": ((dict,), False),
 }
 
 
@@ -373,6 +388,12 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
         missing = [f for f in REQUIRED_FILES if f not in files]
         if missing:
             out.append(f"'files' does not list {missing}")
+        listed = [f for f in FINETUNE_FILES if f in files]
+        if len(listed) == 1:
+            out.append(f"'files' lists {listed[0]} without "
+                       f"{(set(FINETUNE_FILES) - set(listed)).pop()}")
+        if listed and "finetune_influence" not in manifest:
+            out.append(f"'files' lists {listed} but the manifest has no 'finetune_influence'")
     excluded = manifest.get("excluded_ids")
     if isinstance(excluded, list) and not all(isinstance(i, str) for i in excluded):
         out.append("'excluded_ids' must be a list of strings")
@@ -430,7 +451,30 @@ def load_run(run_dir: str | os.PathLike, verify_hashes: bool = True) -> Run:
             validation = json.loads(vpath.read_text())
         except json.JSONDecodeError:
             validation = {"error": f"{vpath} is not valid JSON"}
-    return Run(path, manifest, test_points, pretrain, scores, pretrain_xy, test_xy, validation)
+    ft_scores, ft_table = _load_finetune(path, manifest, n_test)
+    return Run(path, manifest, test_points, pretrain, scores, pretrain_xy, test_xy, validation,
+               ft_scores, ft_table)
+
+
+def _load_finetune(path: Path, manifest: dict[str, Any], n_test: int
+                   ) -> tuple[np.ndarray | None, pd.DataFrame | None]:
+    """The finetuning-data influence files the manifest lists (memory-mapped scores, table),
+    or ``(None, None)``; copies the manifest does not list are not part of the run."""
+    if FINETUNE_SCORES_FILE not in manifest["files"]:
+        return None, None
+    try:
+        scores = np.load(path / FINETUNE_SCORES_FILE, mmap_mode="r")
+        table = pd.read_parquet(path / FINETUNE_TABLE)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read run {path}: {exc}. Re-run `python -m engine run`.") from exc
+    _check_table(table, FINETUNE_REQUIRED, "example_id", FINETUNE_TABLE)
+    want = manifest["finetune_influence"].get("shape")
+    if scores.ndim != 2 or scores.shape != (n_test, len(table)) or (
+            want is not None and list(scores.shape) != list(want)):
+        raise RunError(f"{path}: {FINETUNE_SCORES_FILE} has shape {scores.shape}, expected "
+                       f"{(n_test, len(table))} ({n_test} scored test points x {len(table)} "
+                       f"rows of {FINETUNE_TABLE}). Re-run `python -m engine run`.")
+    return scores, table
 
 
 def load_model_arrays(run: Run) -> dict[str, np.ndarray]:

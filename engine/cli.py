@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-rounds", type=int, default=5,
                      help="training rounds per retrain until the tolerance is met; each "
                           "continues the last with twice the iterations")
+    val.add_argument("--finetune-per-point", type=int, default=10,
+                     help="finetuning-data influence check: top-N by |score| plus N random "
+                          "finetuning examples per test point, each removed and the finetuning "
+                          "stage alone retrained (0 skips the check)")
+    val.add_argument("--finetune-test-points", type=int, default=5,
+                     help="misclassified test points of that check (default 5; --test-points, "
+                          "when given, are used instead)")
     val.set_defaults(func=_cmd_validate)
     return p
 

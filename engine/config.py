@@ -125,6 +125,8 @@ class InfluenceConfig:
     direction_rank: int | None = None  # None: exact scores; r >= 1: rank-r approximation
     curvature_batch_size: int = 1024   # examples per Hessian-vector product batch (at most)
     memory_budget_gb: float = 4.0      # GiB per batched curvature / scoring intermediate
+    # Also score the finetuning examples (engine.finetune_influence: finetune_scores.npy).
+    finetune_influence: bool = True
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,7 @@ def _influence(r: TableReader) -> InfluenceConfig:
         curvature_batch_size=r.get_int("curvature_batch_size", d.curvature_batch_size, low=1),
         memory_budget_gb=r.get_float("memory_budget_gb", d.memory_budget_gb, low=0.0,
                                      strict=True),
+        finetune_influence=r.get_bool("finetune_influence", d.finetune_influence),
     )
 
 

@@ -1,4 +1,5 @@
-"""The end-to-end run: data -> both training stages -> evaluation -> scores -> map -> run dir.
+"""The end-to-end run: data -> both training stages -> evaluation -> scores -> map ->
+finetuning-example scores (``[influence] finetune_influence``) -> run dir.
 
 ``python -m engine run CONFIG --out RUN_DIR`` calls :func:`run`; validation reloads the same
 task and trained parameters from a finished run with :func:`task_from_run`.
@@ -44,11 +45,12 @@ from engine.distributed.writing import (
     seal_on_main,
     write_scores_by_rank,
 )
+from engine.finetune_influence import write_finetune_artifacts
 from engine.maps import map_coordinates
 from engine.models import build_model
 from engine.pause_points import pause_point
 from engine.progress import Progress, ProgressFile, TrainingProgress
-from engine.run_record import RunOutputs, write_outputs
+from engine.run_record import RunOutputs, render_column, write_outputs
 from engine.scores import InfluenceArguments, compute_scores
 from engine.task import TwoStageTask
 from engine.training import MinibatchSettings, NotConvergedWarning, TwoStageFit, fit_two_stage
@@ -293,8 +295,9 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
 
     ``world`` (:func:`engine.distributed.init_from_env` under ``torchrun``): every rank calls
     this with the same arguments; sums over pretraining examples are all-reduced, each rank
-    scores and writes its own pretraining examples, rank 0 alone prints, writes the manifest
-    and swaps the run into place (see :mod:`engine.distributed.writing`).
+    scores and writes its own pretraining examples, rank 0 alone prints, scores the finetuning
+    examples, writes the manifest and swaps the run into place (see
+    :mod:`engine.distributed.writing`).
     """
     world = world or SINGLE
     echo = world.main_only(echo)
@@ -427,10 +430,26 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     score_arrays = {name: to_host(getattr(scores, name)) for name in artifacts.SCORE_NAMES}
     if world.distributed:   # every rank writes its own columns into rank 0's score files
         write_scores_by_rank(world, staging, shard, len(rows), score_arrays)
+
+    finetune_section = None   # influence of the finetuning examples (finetuning stage only)
+    if cfg.influence.finetune_influence:
+        pf.start("finetune_influence", "scoring the finetuning examples")
+        t0 = time.perf_counter()
+        ft = data.finetune_train
+        with guarded(world, "scoring the finetuning examples"):
+            if main:   # every rank holds all finetuning examples: rank 0 scores them alone
+                echo(f"scoring {len(rows)} test points x {len(ft)} finetuning examples "
+                     "(finetuning stage only)")
+                finetune_section = write_finetune_artifacts(
+                    staging.path, task, fit, x_test[rows], y_test[rows], args, ft.ids, ft.y,
+                    extra_columns=render_column(cfg, ft, np.arange(len(ft))),
+                    progress=pf.tee(Progress("finetuning-example gradients"),
+                                    "finetuning-example gradients"))
+        phase("finetune_influence", t0)
     if not main:
         return seal_on_main(world, staging, lambda: staging.dest)
     outputs = RunOutputs(fit, scores, rows, pred, correct, pre_losses, pre_acc, ft_acc, pre_xy,
-                         test_xy)
+                         test_xy, finetune_section)
 
     def seal() -> Path:
         timings["total"] = round(time.perf_counter() - t_all, 3)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:   # engine.pipeline imports this module
 @dataclass
 class RunOutputs:
     """The results of a run's phases that its files record (``pre_losses``: every
-    pretraining example's, gathered on rank 0)."""
+    pretraining example's, gathered on rank 0; ``finetune``: the ``finetune_influence``
+    manifest section when the finetuning examples were scored into the staging directory)."""
 
     fit: TwoStageFit
     scores: InfluenceScores
@@ -48,6 +49,7 @@ class RunOutputs:
     ft_acc: float
     pre_xy: np.ndarray
     test_xy: np.ndarray
+    finetune: dict[str, Any] | None = None   # engine.finetune_influence's manifest section
 
 
 def versions() -> dict[str, str]:
@@ -141,6 +143,8 @@ def write_outputs(cfg: RunConfig, config_path: str | Path, data: PreparedData,
     }
     if parent is not None:   # {"run_id", "name"} of the run this one retrains
         manifest["parent"] = dict(parent)
+    if out.finetune is not None:   # finetune_scores.npy / finetune_examples.parquet are staged
+        manifest["finetune_influence"] = out.finetune
     model_arrays = {name: to_host(getattr(fit, name))
                     for name in ("backbone_pre", "w", "backbone_ft", "t")}
     return artifacts.write_run(staging.dest, manifest, test_df, pre_df, score_arrays,

@@ -323,6 +323,12 @@ def test_run_command_under_torchrun_equals_the_single_process_run(launched, rank
         np.testing.assert_allclose(dist_run.scores[name], one.scores[name], rtol=1e-6,
                                    atol=1e-6 * np.abs(one.scores[name]).max())
     pd.testing.assert_frame_equal(dist_run.test_points, one.test_points)
+    # Finetuning-data influence: rank 0 alone scores all finetuning examples, as one process.
+    assert dist_run.finetune_scores.shape == (dist_run.n_test, 60)
+    np.testing.assert_allclose(dist_run.finetune_scores, one.finetune_scores, rtol=1e-6,
+                               atol=1e-6 * np.abs(one.finetune_scores).max())
+    pd.testing.assert_frame_equal(dist_run.finetune_examples, one.finetune_examples,
+                                  check_exact=False, rtol=1e-9)
     np.testing.assert_allclose(dist_run.pretrain_xy, one.pretrain_xy, rtol=1e-5, atol=1e-5)
     assert (dist_run.manifest["metrics"]["pretrain_train_accuracy"]
             == one.manifest["metrics"]["pretrain_train_accuracy"])
@@ -359,6 +365,8 @@ def test_validation_on_two_ranks_equals_the_single_process_one(launched, ranks, 
     # OMP_NUM_THREADS=1 and this process may not be, which moves the last digits only.
     for section in ("loo", "group"):
         assert_close_tree(dist_summary[section], one[section], section)
+    for key in ("designated_pairs", "test_ids", "scores_from"):   # rank 0's finetuning check
+        assert_close_tree(dist_summary["finetune"][key], one["finetune"][key], key)
     for name in ("loo.csv", "group.csv"):
         a = pd.read_csv(launched / "dist_run" / VALIDATION_DIR / name)
         b = pd.read_csv(copy / VALIDATION_DIR / name)

@@ -228,7 +228,8 @@ TIMINGS = {"load": 0.1, "pretrain": 2.0, "finetune": 0.2, "evaluate": 0.1, "infl
 def test_progress_and_eta_from_a_real_progress_file(parent_run, yes_run, tmp_path):
     events = read_events(yes_run.parent / "progress.jsonl")
     phases = [e["phase"] for e in events if e["event"] == "start"]
-    assert phases == ["load", "pretrain", "finetune", "evaluate", "influence", "map", "write"]
+    assert phases == ["load", "pretrain", "finetune", "evaluate", "influence", "map",
+                      "finetune_influence", "write"]
     assert events[-1]["phase"] == "done" and events[-1]["message"].startswith("wrote ")
     assert set(events[0]) == {"t", "phase", "done", "total", "message", "event"}
     # A copy of the file, cut just after pretraining started, plus a half-written line.

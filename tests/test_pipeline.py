@@ -189,3 +189,84 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 def test_verify_command(small_run, capsys):
     assert cli_main(["verify", str(small_run)]) == 0
     assert "complete and intact" in capsys.readouterr().out
+
+
+# ---- finetuning-data influence (engine.finetune_influence) in the run ---------------------
+
+def test_run_scores_the_finetuning_examples(small_config, small_run):
+    import torch
+
+    from engine.finetune_influence import FINETUNE_SCORE_CONVENTION, finetune_influence
+    from engine.pipeline import task_from_run
+    from engine.validation.finetune_check import run_arguments
+
+    r = artifacts.load_run(small_run)   # verifies every listed hash
+    m = r.manifest
+    for name in (artifacts.FINETUNE_SCORES_FILE, artifacts.FINETUNE_TABLE):
+        assert m["files"][name] == artifacts.sha256_file(small_run / name)
+    scores, table = r.finetune_scores, r.finetune_examples
+    assert scores.dtype == np.float32 and scores.shape == (25, 40) and np.isfinite(scores).all()
+    ft = pd.read_parquet(small_config.parent / "ft.parquet")
+    assert table["example_id"].tolist() == ft["example_id"].astype(str).tolist()
+    assert {"label", "pred", "correct", "finetune_loss", "pixels"} <= set(table.columns)
+    assert len(table["pixels"].iloc[0]) == 64
+    section = m["finetune_influence"]
+    assert section["shape"] == [25, 40] and section["score_convention"] == \
+        FINETUNE_SCORE_CONVENTION
+    assert section["settings"]["solver"] == "exact" and section["settings"]["n_finetune"] == 40
+    assert m["timings"]["finetune_influence"] >= 0
+    # The stored scores are the formula at the stored parameters, rows = test_points.parquet.
+    data, task, fit = task_from_run(r)
+    assert list(r.test_points["test_id"]) == data.finetune_test.ids.astype(str).tolist()
+    x = torch.as_tensor(data.inputs(data.finetune_test), dtype=task.dtype)
+    y = torch.as_tensor(data.finetune_test.y)
+    want = finetune_influence(task, fit, x, y, run_arguments(data.cfg)).numpy()
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_finetune_influence_false_skips_the_step(small_config, tmp_path):
+    from engine.config import ConfigError, load_config
+
+    text = small_config.read_text()
+    assert "finetune_influence = true" in text   # listed in the sample config at its default
+    off = small_config.parent / "no_finetune_influence.toml"
+    off.write_text(text.replace("finetune_influence = true", "finetune_influence = false"))
+    assert load_config(off).influence.finetune_influence is False
+    assert load_config(small_config).influence.finetune_influence is True
+    bad = small_config.parent / "bad_finetune_influence.toml"
+    bad.write_text(text.replace("finetune_influence = true", 'finetune_influence = "yes"'))
+    with pytest.raises(ConfigError, match=r"\[influence\] finetune_influence"):
+        load_config(bad)
+    progress = tmp_path / "progress.jsonl"
+    out = run(off, tmp_path / "off", echo=lambda s: None, progress_file=progress)
+    r = artifacts.load_run(out)
+    assert r.finetune_scores is None and r.finetune_examples is None
+    assert "finetune_influence" not in r.manifest and "finetune_influence" not in \
+        r.manifest["timings"]
+    assert not (out / artifacts.FINETUNE_SCORES_FILE).exists()
+    assert not (out / artifacts.FINETUNE_TABLE).exists()
+    phases = [json.loads(line)["phase"] for line in progress.read_text().splitlines()]
+    assert "finetune_influence" not in phases and phases[-1] == "done"
+
+
+def test_finetune_files_are_checked_like_the_others(copy_run):
+    mpath = copy_run / "manifest.json"
+    m = json.loads(mpath.read_text())
+    # A table of other examples (fewer rows): the shapes no longer match.
+    table = pd.read_parquet(copy_run / artifacts.FINETUNE_TABLE).iloc[:-1]
+    table.to_parquet(copy_run / artifacts.FINETUNE_TABLE)
+    m["files"][artifacts.FINETUNE_TABLE] = artifacts.sha256_file(
+        copy_run / artifacts.FINETUNE_TABLE)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(artifacts.RunError, match="finetune_scores.npy has shape"):
+        artifacts.load_run(copy_run)
+    # One of the two files listed without the other: a damaged manifest.
+    del m["files"][artifacts.FINETUNE_TABLE]
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(artifacts.RunError, match="lists finetune_scores.npy without"):
+        artifacts.load_run(copy_run)
+    # Neither listed (nor the section): copies left in the folder are not part of the run.
+    del m["files"][artifacts.FINETUNE_SCORES_FILE], m["finetune_influence"]
+    mpath.write_text(json.dumps(m))
+    r = artifacts.load_run(copy_run)
+    assert r.finetune_scores is None and r.finetune_examples is None

@@ -30,7 +30,7 @@ from engine.validation import (
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "digits"
-FILES = ("summary.json", "loo.csv", "group.csv", "noise.csv", "loo_scatter.json")
+FILES = ("summary.json", "loo.csv", "group.csv", "noise.csv", "finetune.csv", "loo_scatter.json")
 
 
 def write_tiny_data(root: Path, n_pre: int = 160, n_ft: int = 60, n_test: int = 40, d: int = 8,
@@ -116,11 +116,12 @@ def test_summary_and_files_are_well_formed(tiny, validated):
     assert not [p for p in tiny.iterdir() if p.name.startswith(f".{VALIDATION_DIR}")]
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(validated))
-    for key in ("created_at", "settings", "checks", "loo", "group", "noise"):
+    for key in ("created_at", "settings", "checks", "loo", "group", "noise", "finetune"):
         assert key in summary
     names = [c["name"] for c in summary["checks"]]
     assert names == ["loo_pearson", "loo_sign_top", "group_harmful_beats_random",
-                     "group_prediction_k5", "noise_detection", "retrain_convergence"]
+                     "group_prediction_k5", "noise_detection", "retrain_convergence",
+                     "finetune_pearson"]
     for c in summary["checks"]:
         assert isinstance(c["passed"], bool) and c["verdict"] and "\n" not in c["verdict"]
     assert summary["settings"]["per_point"] == 4 and summary["settings"]["group_sizes"] == [5]
@@ -161,6 +162,30 @@ def test_predicted_matches_actual_leave_one_out(validated):
     assert k5["harmful"]["actual_change"] < 0 < k5["helpful"]["actual_change"]
 
 
+def test_finetuning_data_influence_check(tiny, validated):
+    """The run's finetune_scores.npy against finetuning-only retrains (a check row)."""
+    ft = validated["finetune"]
+    assert ft["scores_from"] == "run" and ft["scoring"] == {"given": True}
+    n_points = len(ft["test_ids"])
+    assert 1 <= n_points <= 5 and set(ft["test_ids"]) <= set(
+        artifacts.load_run(tiny).test_points["test_id"])
+    d = ft["designated_pairs"]
+    assert d["n_pairs"] == n_points * 2 * 10
+    # Measured on this tiny run (5 points x (10 + 10), 49 retrains, 0.7 s): Pearson 0.995,
+    # sign agreement 99%, slope 1.27 (first order underestimates the largest removals).
+    assert d["pearson"] > 0.9 and d["sign_agreement"] >= 0.9
+    assert ft["convergence"]["n_unconverged"] == 0
+    check = next(c for c in validated["checks"] if c["name"] == "finetune_pearson")
+    assert check["passed"] == (d["pearson"] >= 0.95) and check["target"] == "Pearson >= 0.95"
+    assert check["verdict"].startswith("Finetuning-data influence vs finetuning-only "
+                                       "retraining: Pearson ")
+    pairs = pd.read_csv(tiny / VALIDATION_DIR / "finetune.csv")
+    assert len(pairs) == n_points * pairs["example_id"].nunique()
+    assert set(pairs["role"]) <= {"top", "random", "other"}
+    assert cli.build_parser().parse_args(
+        ["validate", "x", "--finetune-per-point", "0"]).finetune_per_point == 0
+
+
 def test_rerun_replaces_only_when_complete(tiny, validated, monkeypatch):
     import engine.validation.core as v
 
@@ -170,7 +195,8 @@ def test_rerun_replaces_only_when_complete(tiny, validated, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(v, "_scatter", broken)
-    small = ValidationSettings(per_point=1, group_sizes=(), workers=1, max_test_points=1)
+    small = ValidationSettings(per_point=1, group_sizes=(), workers=1, max_test_points=1,
+                               finetune_per_point=0)
     with pytest.raises(RuntimeError, match="disk full"):
         validate(tiny, small, echo=quiet)
     assert (tiny / VALIDATION_DIR / "summary.json").read_text() == before
@@ -178,6 +204,9 @@ def test_rerun_replaces_only_when_complete(tiny, validated, monkeypatch):
     monkeypatch.undo()
     summary = validate(tiny, small, echo=quiet)
     assert summary["group"] is None and summary["settings"]["per_point"] == 1
+    assert summary["finetune"] is None and "finetune_pearson" not in [
+        c["name"] for c in summary["checks"]]
+    assert any("finetuning-data influence check was skipped" in n for n in summary["notes"])
     assert json.loads((tiny / VALIDATION_DIR / "summary.json").read_text()) == summary
     assert sorted(p.name for p in (tiny / VALIDATION_DIR).iterdir()) == sorted(FILES)
 
@@ -200,6 +229,10 @@ def test_bad_noise_ids_and_settings(tiny, tmp_path):
         validate(tiny, ValidationSettings(group_sizes=(160,), workers=1), echo=quiet)
     with pytest.raises(ValidationError, match="--per-point"):
         validate(tiny, ValidationSettings(per_point=0), echo=quiet)
+    with pytest.raises(ValidationError, match="--finetune-per-point 60 must be below the 60"):
+        validate(tiny, ValidationSettings(finetune_per_point=60, workers=1), echo=quiet)
+    with pytest.raises(ValidationError, match="--finetune-per-point must be >= 0"):
+        validate(tiny, ValidationSettings(finetune_per_point=-1), echo=quiet)
 
 
 def test_run_without_model_arrays_is_a_clear_error(tmp_path, capsys):

@@ -124,7 +124,7 @@ lists = (("Test points it harms most", per_test[per_test["total"] < 0].nsmallest
           "ex_helps"))
 for title, part, key in lists:
     st.markdown(f"#### {title}")
-    shown = part.assign(link=test_links(part["test_id"].tolist()))
+    shown = part.assign(link=test_links(part["test_id"].tolist(), run.path.name))
     shown = shown[["link", "true", "pred", "correct", "loss", *SCORE_COLUMNS]]
     st.dataframe(shown, hide_index=True, column_config=config, key=key)
 

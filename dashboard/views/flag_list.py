@@ -36,7 +36,7 @@ def _from_test_point(test_id: object) -> str | None:
     if test_id is None or (isinstance(test_id, float) and pd.isna(test_id)):
         return None
     text = str(test_id).strip()
-    return test_links([text])[0] if text else None
+    return test_links([text], run.path.name)[0] if text else None
 
 
 def _unflag(store, run_id: str, picked: tuple[str, ...]) -> None:
@@ -59,7 +59,7 @@ else:
     rows = [eindex.get(e) for e in flags["example_id"]]
     known = [r for r in rows if r is not None]
     table = pd.DataFrame({
-        "example": example_links(flags["example_id"].tolist()),
+        "example": example_links(flags["example_id"].tolist(), run.path.name),
         "label": [label_name(names, int(run.pretrain_examples["label"].iloc[r]))
                   if r is not None else "?" for r in rows],
         "reason": flags["reason"], "note": flags["note"], "who": flags["user"],

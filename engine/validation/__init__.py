@@ -1,6 +1,6 @@
 """Check a run's influence scores against actual removal and retraining of both stages.
 
-``python -m engine validate RUN_DIR`` (see README "Validation") runs three checks:
+``python -m engine validate RUN_DIR`` (see README "Validation") runs four checks:
 
 1. **Leave-one-out agreement.**  For a few test points (default: up to 10 misclassified ones),
    the top-N pretraining examples by |score| plus N random ones are removed one at a time and
@@ -12,6 +12,9 @@
    with the prediction (sum of the removed examples' scores, averaged over the points).
 3. **Planted-noise detection** (when a list of mislabelled pretraining ids is available):
    precision@k and ROC AUC of the influence ranking next to baselines computed in the same run.
+4. **Finetuning-data influence** (:mod:`engine.validation.finetune_check`): the run's
+   ``finetune_scores.npy`` (computed when the run has none) against retraining the finetuning
+   stage only without one finetuning example (top-N by |score| plus N random per test point).
 
 Removal is the engine's definition of the score (eps = -1/M): the removed examples get weight 0
 in ``L_pre = (1/M) sum_j w_j l_pre(z_j) + R`` and the denominator stays M, i.e.
@@ -31,18 +34,20 @@ Each retrain is an independent job: under ``torchrun`` the jobs are split over t
 every worker rebuilds the task once from the run directory.  Results do not depend on which.
 
 The results go atomically to ``RUN_DIR/validation/``: ``summary.json``, ``loo.csv``,
-``group.csv``, ``noise.csv`` and ``loo_scatter.json`` (a Plotly figure the dashboard shows).
+``group.csv``, ``noise.csv``, ``finetune.csv`` and ``loo_scatter.json`` (a Plotly figure the
+dashboard shows).
 
-==============  ==========================================================================
-module          what it holds
-==============  ==========================================================================
-``settings``    :class:`ValidationSettings`, the targets, file names
-``retrains``    the retraining jobs (in process, a process pool, or the ranks of a launch)
-``sections``    leave-one-out, group removal and noise detection analyses
-``stats``       agreement statistics
-``report``      the pass/fail checks and the scatter figure
-``core``        :func:`validate` and the CLI entry
-==============  ==========================================================================
+====================  ==========================================================================
+module                what it holds
+====================  ==========================================================================
+``settings``          :class:`ValidationSettings`, the targets, file names
+``retrains``          the retraining jobs (in process, a process pool, or the ranks of a launch)
+``sections``          leave-one-out, group removal and noise detection analyses
+``finetune_check``    finetuning-data influence vs finetuning-only retraining
+``stats``             agreement statistics
+``report``            the pass/fail checks and the scatter figure
+``core``              :func:`validate` and the CLI entry
+====================  ==========================================================================
 """
 
 from engine.validation.core import main, validate

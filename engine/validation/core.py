@@ -26,6 +26,7 @@ from engine.training import (
     NotConvergedWarning,
     fit_two_stage,
 )
+from engine.validation.finetune_check import FinetuneCheckSettings, check_loaded_run
 from engine.validation.report import _checks, _scatter
 from engine.validation.retrains import run_retrains
 from engine.validation.sections import (
@@ -154,6 +155,10 @@ def _validate(run_dir: Path, settings: ValidationSettings,
     if too_big:
         raise ValidationError(f"--group-sizes {too_big} must be below the {m} pretraining "
                               "examples")
+    n_ft = len(data.finetune_train)
+    if settings.finetune_per_point >= n_ft:
+        raise ValidationError(f"--finetune-per-point {settings.finetune_per_point} must be below "
+                              f"the {n_ft} finetuning examples (0 skips that check)")
     noise_labels = _noise_labels(run, settings)
     noise_path = noise_labels[0] if noise_labels else None
 
@@ -256,6 +261,18 @@ def _validate(run_dir: Path, settings: ValidationSettings,
     if noise_labels is not None and len(targeted):
         noise_df, noise = _noise_section(ctx, *noise_labels, settings, full_total)
     timings["analysis"] = time.perf_counter() - t0
+    # Finetuning-data influence: finetuning-only retrains, here (rank 0), with the run's
+    # finetune_scores.npy when it has them (computed otherwise).
+    finetune_df, finetune = None, None
+    if settings.finetune_per_point:
+        t0 = time.perf_counter()
+        finetune_df, finetune = check_loaded_run(run, data, task, stored, FinetuneCheckSettings(
+            test_points=rows.tolist() if settings.test_points else None,
+            max_test_points=settings.finetune_test_points,
+            per_point=settings.finetune_per_point, seed=settings.seed,
+            tolerance=settings.tolerance, max_iter=settings.max_iter,
+            max_rounds=settings.max_rounds), echo=echo)
+        timings["finetune_check"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
     stages = run.manifest.get("stages", {})
@@ -280,7 +297,9 @@ def _validate(run_dir: Path, settings: ValidationSettings,
     if noise_labels is None:
         notes.append(f"no {NOISE_FILE} beside the pretraining file and no --noise-ids: noise "
                      "detection was skipped")
-    checks = _checks(loo, group, noise, conv, settings)
+    if finetune is None:
+        notes.append("--finetune-per-point 0: the finetuning-data influence check was skipped")
+    checks = _checks(loo, group, noise, conv, settings, finetune)
     summary = _clean({
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_id": run.run_id, "scenario": task.scenario,
@@ -290,7 +309,7 @@ def _validate(run_dir: Path, settings: ValidationSettings,
                      "removal": "weight 0 at the removed examples, denominator M (eps = -1/M); "
                                 "warm start from the reference fit",
                      "noise_ids_file": str(noise_path) if noise_path else None},
-        "checks": checks, "loo": loo, "group": group, "noise": noise,
+        "checks": checks, "loo": loo, "group": group, "noise": noise, "finetune": finetune,
         "convergence": conv, "diagnostics": diagnostics, "notes": notes,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     })
@@ -302,6 +321,7 @@ def _validate(run_dir: Path, settings: ValidationSettings,
         "loo.csv": writer_csv(loo_df),
         "group.csv": writer_csv(group_df),
         "noise.csv": writer_csv(noise_df),
+        "finetune.csv": writer_csv(finetune_df),
         "loo_scatter.json": lambda p: p.write_text(_scatter(loo_df, loo, task.scenario)),
         "summary.json": lambda p: p.write_text(json.dumps(summary, indent=2)),
     }
@@ -322,7 +342,9 @@ def main(ns: argparse.Namespace) -> None:
         random_draws=ns.random_draws, workers=ns.workers, seed=ns.seed,
         noise_ids=getattr(ns, "noise_ids", None),
         tolerance=getattr(ns, "tolerance", 1e-10), max_iter=getattr(ns, "max_iter", 300),
-        max_rounds=getattr(ns, "max_rounds", 5))
+        max_rounds=getattr(ns, "max_rounds", 5),
+        finetune_per_point=getattr(ns, "finetune_per_point", 10),
+        finetune_test_points=getattr(ns, "finetune_test_points", 5))
     world = init_from_env() if launched_by_torchrun() else None
     try:
         validate(ns.run_dir, settings, world=world)

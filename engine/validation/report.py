@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from engine.validation.settings import (
+    TARGET_FINETUNE_PEARSON,
     TARGET_PEARSON,
     TARGET_RATIO,
     TARGET_SIGN_TOP,
@@ -44,7 +45,8 @@ def _scatter(loo: pd.DataFrame, stats: dict[str, Any], scenario: str) -> str:
 
 
 def _checks(loo: dict[str, Any], group: dict[str, Any] | None, noise: dict[str, Any] | None,
-            conv: dict[str, Any], settings: ValidationSettings) -> list[dict[str, Any]]:
+            conv: dict[str, Any], settings: ValidationSettings,
+            finetune: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     checks = []
     a, top = loo["designated_pairs"], loo["top_pairs"]
     pre, ft = loo["pretrained_term"], loo["finetuned_term"]
@@ -123,4 +125,27 @@ def _checks(loo: dict[str, Any], group: dict[str, Any] | None, noise: dict[str, 
                     f"{settings.tolerance:g}); {conv['n_multi_round']} needed more than one "
                     f"training round"),
         **conv})
+    if finetune is not None:
+        checks.append(_finetune_check(finetune))
     return checks
+
+
+def _finetune_check(ft: dict[str, Any]) -> dict[str, Any]:
+    """The check row of :func:`engine.validation.finetune_check.check_finetune_influence`'s
+    summary: finetuning-data influence vs finetuning-only retraining."""
+    a, conv = ft["designated_pairs"], ft["convergence"]
+    r = a["pearson"]
+    n_ok = conv["n_retrains"] - conv["n_unconverged"]
+    return {
+        "name": "finetune_pearson",
+        "passed": bool(r is not None and r >= TARGET_FINETUNE_PEARSON),
+        "target": f"Pearson >= {TARGET_FINETUNE_PEARSON}",
+        "verdict": (f"Finetuning-data influence vs finetuning-only retraining: Pearson "
+                    f"{_fmt(r)} (target >= {TARGET_FINETUNE_PEARSON}), Spearman "
+                    f"{_fmt(a['spearman'])}, sign agreement {_fmt(a['sign_agreement'], '.0%')}, "
+                    f"actual/predicted slope {_fmt(a['slope_actual_on_predicted'], '.2f')} over "
+                    f"{a['n_pairs']} pairs ({len(ft['test_ids'])} test points); {n_ok} of "
+                    f"{conv['n_retrains']} finetuning retrains converged; scores "
+                    f"{'from the run' if ft.get('scores_from') == 'run' else 'computed'}"),
+        "pearson": r, "spearman": a["spearman"], "slope": a["slope_actual_on_predicted"],
+        "sign_agreement": a["sign_agreement"], "n_pairs": a["n_pairs"]}

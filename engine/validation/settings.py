@@ -24,6 +24,10 @@ TARGET_SIGN_TOP = 0.9
 TARGET_RATIO = (0.5, 2.0)
 
 
+# Finetuning-data influence vs finetuning-only retraining (engine.validation.finetune_check).
+TARGET_FINETUNE_PEARSON = 0.95
+
+
 class ValidationError(ValueError):
     """Validation cannot run with these inputs (unknown ids, run without model arrays, ...)."""
 
@@ -43,6 +47,10 @@ class ValidationSettings:
     max_iter: int = 300                    # L-BFGS iterations of a retrain's first round
     max_rounds: int = 5                    # rounds (each continues the last, 2x iterations)
     max_test_points: int = 10
+    # Finetuning-data influence check: top-N + N random finetuning examples per test point
+    # (0 skips it) for up to finetune_test_points misclassified points (or --test-points).
+    finetune_per_point: int = 10
+    finetune_test_points: int = 5
 
     def check(self) -> None:
         if self.per_point < 1:
@@ -60,6 +68,12 @@ class ValidationSettings:
             raise ValidationError(f"--max-iter must be >= 1, got {self.max_iter}")
         if self.max_rounds < 1:
             raise ValidationError(f"--max-rounds must be >= 1, got {self.max_rounds}")
+        if self.finetune_per_point < 0:
+            raise ValidationError("--finetune-per-point must be >= 0 (0 skips the check), got "
+                                  f"{self.finetune_per_point}")
+        if self.finetune_test_points < 1:
+            raise ValidationError("--finetune-test-points must be >= 1, got "
+                                  f"{self.finetune_test_points}")
 
     @property
     def n_workers(self) -> int:

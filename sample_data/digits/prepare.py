@@ -71,6 +71,7 @@ measurement = "loss"
 test_points = "all"
 batch_size = 512
 tracked_backbone = "all"
+finetune_influence = true
 
 [map]
 method = "umap"
