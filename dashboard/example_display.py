@@ -78,16 +78,11 @@ def test_links(ids: Sequence[str], run_name: str | None = None) -> list[str]:
     return [f"{TEST_PAGE_URL}?{prefix}test_id={quote(str(t), safe='')}" for t in ids]
 
 
-def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[str],
-                       extra_columns: Sequence[str] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """A display frame (thumbnail, id link, label, scores, then ``extra_columns``) and its
-    column config; score columns get a scientific number format.
-
-    ``frame`` rows come from :mod:`dashboard.filters` frames (they carry ``row``).
-    """
+def _identity_columns(run: Run, frame: pd.DataFrame, thumbs: list[str] | None
+                      ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The leading columns every example table shares: thumbnail (or text), id link, label."""
     view = pd.DataFrame(index=range(len(frame)))
     config: dict[str, Any] = {}
-    thumbs = thumbnails(run, frame["row"].tolist())
     if thumbs is not None:
         view["image"] = thumbs
         config["image"] = st.column_config.ImageColumn("image", width=48)
@@ -99,6 +94,17 @@ def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[st
         "example_id", display_text=r"example_id=(.*)$", width="small",
         help="Open the pretraining example page in a new tab")
     view["label"] = frame["label_name"].to_numpy()
+    return view, config
+
+
+def example_table_view(run: Run, frame: pd.DataFrame, score_columns: Sequence[str],
+                       extra_columns: Sequence[str] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A display frame (thumbnail, id link, label, scores, then ``extra_columns``) and its
+    column config; score columns get a scientific number format.
+
+    ``frame`` rows come from :mod:`dashboard.filters` frames (they carry ``row``).
+    """
+    view, config = _identity_columns(run, frame, thumbnails(run, frame["row"].tolist()))
     for col in score_columns:
         view[col] = frame[col].to_numpy()
         config[col] = st.column_config.NumberColumn(col, format=SCORE_FORMAT, width="small")
@@ -142,20 +148,7 @@ def evidence_table_view(
     The styling callable turns the (editor's) frame into a pandas Styler; it is ``None`` for
     tables over :data:`SHADE_MAX_ROWS` rows (the bars and numbers stay).
     """
-    view = pd.DataFrame(index=range(len(frame)))
-    config: dict[str, Any] = {}
-    thumbs = table_thumbnails(run, frame["row"].tolist())
-    if thumbs is not None:
-        view["image"] = thumbs
-        config["image"] = st.column_config.ImageColumn("image", width=48)
-    elif "text" in frame.columns:
-        view["text"] = frame["text"].str.slice(0, 80).to_numpy()
-        config["text"] = st.column_config.TextColumn("text", width="medium")
-    view["example"] = example_links(frame["example_id"].tolist(), run.path.name)
-    config["example"] = st.column_config.LinkColumn(
-        "example_id", display_text=r"example_id=(.*)$", width="small",
-        help="Open the pretraining example page in a new tab")
-    view["label"] = frame["label_name"].to_numpy()
+    view, config = _identity_columns(run, frame, table_thumbnails(run, frame["row"].tolist()))
     total = frame["total"].to_numpy(dtype=float)
     view[BAR_COLUMN] = abs(total)
     config[BAR_COLUMN] = st.column_config.ProgressColumn(
