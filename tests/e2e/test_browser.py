@@ -166,7 +166,7 @@ def test_filters_live_in_the_url(page, server, misclassified_id, browser):
     goto(page, server, f"/test-point?test_id={misclassified_id}")
     headings = page.locator("h4").all_inner_texts()
     assert [h.split(" (")[0] for h in headings[:2]] == ["Most harmful", "Most helpful"]
-    thumbs = page.locator("[data-testid='stImage'] a[href*='example?example_id=']")
+    thumbs = page.locator("[data-testid='stImage'] a[href*='example?run=digits&example_id=']")
     thumbs.nth(15).wait_for()
     assert thumbs.count() == 16
     page.locator(".st-key-f_sign label").filter(has_text="harmful").first.click()

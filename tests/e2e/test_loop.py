@@ -112,7 +112,8 @@ def test_flag_what_if_retrain_compare(page, server, e2e_runs_dir):
     href = link.get_attribute("href")
     assert href and "compare" in href
     _goto(page, f"{server}/compare?run=digits&compare={quote(child)}&test_id={quote(test_id)}")
-    line = page.get_by_text(re.compile(rf"This point {re.escape(test_id)}")).first
+    line = page.locator("[data-testid='stAlert']").filter(
+        has_text=re.compile(rf"This point {re.escape(test_id)}")).first
     line.wait_for()
     before = float(run.test_points["loss"].iloc[row])
     crow = int(np.flatnonzero(child_run.test_points["test_id"].astype(str) == test_id)[0])
