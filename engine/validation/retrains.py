@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import math
 import multiprocessing as mp
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,13 +66,16 @@ def _arrays_to_fit(arrays: dict[str, np.ndarray], dtype: torch.dtype) -> TwoStag
     return fit
 
 
-def _init_worker(run_path: str, reference: dict[str, np.ndarray], tolerance: float,
+def _init_worker(run_path: str, reference_file: str, tolerance: float,
                  max_iter: int, max_rounds: int) -> None:
-    """Worker initializer: one torch thread; rebuild the task once from the run directory."""
+    """Worker initializer: one torch thread; rebuild the task once from the run directory and
+    the reference fit from the ``.npz`` the parent wrote."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     run = artifacts.load_run(run_path, verify_hashes=False)
     _, task, _ = task_from_run(run)
+    with np.load(reference_file, allow_pickle=False) as data:
+        reference = {k: data[k] for k in data.files}
     _set_worker_state(task, _arrays_to_fit(reference, task.dtype), tolerance, max_iter,
                       max_rounds)
 
@@ -140,20 +144,26 @@ def run_retrains(jobs: Sequence[tuple[int, ...]], run_path: Path, task: TwoStage
             torch.set_num_threads(threads)
             _WORKER.clear()
         return results  # type: ignore[return-value]
-    ex = cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-        initargs=(str(run_path), _fit_to_arrays(reference, curvature=True), settings.tolerance,
-                  settings.max_iter, settings.max_rounds))
-    try:
-        futures = {ex.submit(_retrain, job): i for i, job in enumerate(jobs)}
-        for done, fut in enumerate(cf.as_completed(futures), 1):
-            results[futures[fut]] = fut.result()
-            if progress:
-                progress(done, len(jobs))
-    except BaseException:
-        ex.shutdown(wait=False, cancel_futures=True)
-        raise
-    ex.shutdown()
+    # The reference fit (dense curvature included: tens of MB) goes through a file, not the
+    # spawn pipe: a worker that dies at start-up would leave the parent blocked writing to it
+    # forever, where a file read fails the pool (BrokenProcessPool) with an error instead.
+    with tempfile.TemporaryDirectory(prefix="influence-validate-") as tmp:
+        reference_file = str(Path(tmp) / "reference.npz")
+        np.savez(reference_file, **_fit_to_arrays(reference, curvature=True))
+        ex = cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            initargs=(str(run_path), reference_file, settings.tolerance, settings.max_iter,
+                      settings.max_rounds))
+        try:
+            futures = {ex.submit(_retrain, job): i for i, job in enumerate(jobs)}
+            for done, fut in enumerate(cf.as_completed(futures), 1):
+                results[futures[fut]] = fut.result()
+                if progress:
+                    progress(done, len(jobs))
+        except BaseException:
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown()
     return results  # type: ignore[return-value]
 
 
