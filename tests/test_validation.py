@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +257,24 @@ def test_worker_pool_matches_in_process(tiny):
     for a, b in zip(pooled, local, strict=True):
         for key in ("backbone_pre", "w", "backbone_ft", "t"):
             np.testing.assert_allclose(a["params"][key], b["params"][key], rtol=0, atol=1e-9)
+
+
+def test_worker_pool_never_runs_the_callers_main_script(tiny, tmp_path, monkeypatch):
+    """Spawned workers do not re-run ``__main__`` (AppTest leaves a temporary page script there,
+    which killed every worker at start-up in CI)."""
+    script = tmp_path / "page.py"
+    script.write_text("raise RuntimeError('the caller main script ran in a worker')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    run = artifacts.load_run(tiny)
+    _, task, fit = task_from_run(run)
+    jobs = [(5,), (9,)]   # two jobs: with one, the retrain runs in this process
+    pooled = run_retrains(jobs, run.path, task, fit, ValidationSettings(workers=2))
+    local = run_retrains(jobs, run.path, task, fit, ValidationSettings(workers=1))
+    for a, b in zip(pooled, local, strict=True):
+        np.testing.assert_allclose(a["params"]["t"], b["params"]["t"], atol=1e-9)
+    assert sys.modules["__main__"] is fake   # restored after the pool
 
 
 def test_updated_scenario_terms_on_worker_pool(tmp_path):

@@ -5,13 +5,16 @@ node), or split over the ranks of a ``torchrun`` launch (``torch.distributed``).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import math
 import multiprocessing as mp
 import signal
+import sys
 import tempfile
 import time
+import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,25 @@ def _arrays_to_fit(arrays: dict[str, np.ndarray], dtype: torch.dtype) -> TwoStag
                                         curvature=cur))
     return fit
 
+
+
+@contextlib.contextmanager
+def _without_main_script() -> Iterator[None]:
+    """Start spawned workers without re-running the caller's ``__main__``.
+
+    ``spawn`` re-imports the parent's main module in every child.  The workers need only this
+    package (their initializer rebuilds the task from the run directory), and the caller's
+    main can be anything: a script with side effects, or, under AppTest, a temporary page
+    script that cannot run outside it (which killed every worker at start-up in CI).  A blank
+    ``__main__`` while the pool starts its processes (they start on ``submit``) avoids it.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 def _init_worker(run_path: str, reference_file: str, tolerance: float,
                  max_iter: int, max_rounds: int) -> None:
@@ -150,20 +172,21 @@ def run_retrains(jobs: Sequence[tuple[int, ...]], run_path: Path, task: TwoStage
     with tempfile.TemporaryDirectory(prefix="influence-validate-") as tmp:
         reference_file = str(Path(tmp) / "reference.npz")
         np.savez(reference_file, **_fit_to_arrays(reference, curvature=True))
-        ex = cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-            initargs=(str(run_path), reference_file, settings.tolerance, settings.max_iter,
-                      settings.max_rounds))
-        try:
-            futures = {ex.submit(_retrain, job): i for i, job in enumerate(jobs)}
-            for done, fut in enumerate(cf.as_completed(futures), 1):
-                results[futures[fut]] = fut.result()
-                if progress:
-                    progress(done, len(jobs))
-        except BaseException:
-            ex.shutdown(wait=False, cancel_futures=True)
-            raise
-        ex.shutdown()
+        with _without_main_script():
+            ex = cf.ProcessPoolExecutor(
+                max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                initargs=(str(run_path), reference_file, settings.tolerance, settings.max_iter,
+                          settings.max_rounds))
+            try:
+                futures = {ex.submit(_retrain, job): i for i, job in enumerate(jobs)}
+                for done, fut in enumerate(cf.as_completed(futures), 1):
+                    results[futures[fut]] = fut.result()
+                    if progress:
+                        progress(done, len(jobs))
+            except BaseException:
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+            ex.shutdown()
     return results  # type: ignore[return-value]
 
 
