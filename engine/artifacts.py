@@ -346,6 +346,7 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "alpha": ((int, float, type(None)), False), "measurement": ((str,), False),
     "stages": ((dict,), False), "metrics": ((dict,), False), "classes": ((dict,), False),
     "render": ((dict,), False), "excluded_ids": ((list,), False),
+    "excluded_finetune_ids": ((list,), False),
     "input_hashes": ((dict,), False), "approximation": ((str, type(None)), False),
     "timings": ((dict,), False), "versions": ((dict,), False),
     "distributed": ((dict,), False), "parent": ((dict,), False),
@@ -394,9 +395,10 @@ def manifest_problems(manifest: dict[str, Any]) -> list[str]:
                        f"{(set(FINETUNE_FILES) - set(listed)).pop()}")
         if listed and "finetune_influence" not in manifest:
             out.append(f"'files' lists {listed} but the manifest has no 'finetune_influence'")
-    excluded = manifest.get("excluded_ids")
-    if isinstance(excluded, list) and not all(isinstance(i, str) for i in excluded):
-        out.append("'excluded_ids' must be a list of strings")
+    for key in ("excluded_ids", "excluded_finetune_ids"):
+        excluded = manifest.get(key)
+        if isinstance(excluded, list) and not all(isinstance(i, str) for i in excluded):
+            out.append(f"'{key}' must be a list of strings")
     return out
 
 

@@ -24,7 +24,9 @@ def _cmd_run(ns: argparse.Namespace) -> None:
     world = ns.world = init_from_env(run_device(cfg))
     try:
         exclude = read_ids_file(ns.exclude) if ns.exclude else []
+        exclude_ft = read_ids_file(ns.exclude_finetune) if ns.exclude_finetune else []
         run(ns.config, ns.out, scenario=ns.scenario, alpha=ns.alpha, exclude_ids=exclude,
+            exclude_finetune_ids=exclude_ft,
             overwrite=ns.overwrite, world=world, device=ns.device, yes=ns.yes, parent=parent,
             progress_file=ns.progress_file)
     finally:
@@ -67,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--alpha", type=float, help="override [finetune] alpha (updated scenario)")
     r.add_argument("--exclude", metavar="IDS_FILE",
                    help="retrain without these pretraining example ids (one per line)")
+    r.add_argument("--exclude-finetune", metavar="IDS_FILE",
+                   help="finetune without these finetuning training example ids (one per line)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N or auto")
     r.add_argument("--yes", action="store_true",
-                   help="go ahead when --exclude removes more than half the pretraining data")
+                   help="go ahead when --exclude (--exclude-finetune) removes more than half "
+                        "the pretraining (finetuning training) data")
     r.add_argument("--parent", metavar="RUN_DIR",
                    help="record RUN_DIR as the run this one retrains (manifest `parent`)")
     r.add_argument("--progress-file", metavar="PATH",

@@ -223,7 +223,8 @@ def write_finetune_artifacts(directory: str | Path, task: TwoStageTask, fit: Two
     Writes ``finetune_scores.npy`` (float32 ``(K, N)``, rows = the scored test points in the
     order of ``test_points.parquet``, columns = finetuning examples in table order) and
     ``finetune_examples.parquet`` (``example_id``, ``label``, ``pred``, ``finetune_loss``,
-    ``correct``, then ``extra_columns``, e.g. the render payload ``pixels`` / ``text``).  Call it
+    ``correct``, then ``extra_columns``, e.g. the render payload ``pixels`` / ``text`` and the
+    map coordinates ``map_x`` / ``map_y``).  Call it
     before :func:`engine.artifacts.write_run` hashes the staging directory, so both files are
     listed (and verified) in the manifest's ``files``.  Returns the manifest section to record
     as ``manifest["finetune_influence"]`` (settings, shape, file names, timings).

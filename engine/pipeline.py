@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class PreparedData:
     excluded_ids: list[str]
     shift: np.ndarray | None = None   # [data] standardize: inputs = (X - shift) / scale
     scale: np.ndarray | None = None
+    excluded_finetune_ids: list[str] = field(default_factory=list)
 
     def inputs(self, table: Table) -> np.ndarray:
         """The model inputs of a table's rows (standardized when the config says so)."""
@@ -87,9 +88,30 @@ class PreparedData:
 FEATURE_SCALE_LIMIT = 1e4
 
 
-def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedData:
-    """Load and validate the data; drop excluded pretraining examples (unknown ids: error)."""
+def _without(table: Table, ids: Sequence[str]) -> Table:
+    """``table`` minus the rows whose id is in ``ids`` (order kept)."""
+    keep = ~np.isin(table.ids, list(ids))
+    return replace(table, ids=table.ids[keep], X=table.X[keep], y=table.y[keep],
+                   frame=table.frame[keep].reset_index(drop=True))
+
+
+def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = (),
+                 exclude_finetune_ids: Sequence[str] = ()) -> PreparedData:
+    """Load and validate the data; drop excluded pretraining examples and excluded finetuning
+    training examples (unknown ids: error)."""
     pretrain, ft_train, ft_test = load_run_data(cfg)
+    if exclude_finetune_ids:
+        known_ft = set(ft_train.ids.tolist())
+        unknown = [i for i in exclude_finetune_ids if i not in known_ft]
+        if unknown:
+            raise RunInputError(
+                f"{len(unknown)} excluded finetuning id(s) are not finetuning training example "
+                f"ids of {ft_train.path.name}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+                ". Use the `example_id` values of the run's finetune_examples.parquet.")
+        ft_train = _without(ft_train, exclude_finetune_ids)
+        if len(ft_train) == 0:
+            raise RunInputError("every finetuning training example is excluded; nothing is "
+                                "left to finetune on")
     known = set(pretrain.ids.tolist())
     unknown = [i for i in exclude_ids if i not in known]
     if unknown:
@@ -127,17 +149,23 @@ def prepare_data(cfg: RunConfig, exclude_ids: Sequence[str] = ()) -> PreparedDat
                 f"[data] image_shape = {list(cfg.data.image_shape)} ({size} values), but the "
                 f"files have {n_features} feature columns; fix image_shape (or the features)")
     return PreparedData(cfg, pretrain, ft_train, ft_test, keep,
-                        list(dict.fromkeys(exclude_ids)), shift, scale)
+                        list(dict.fromkeys(exclude_ids)), shift, scale,
+                        list(dict.fromkeys(exclude_finetune_ids)))
 
 
 def check_exclusion_share(data: PreparedData, yes: bool, echo: Callable[[str], None]) -> None:
-    """Refuse (unless ``yes``) an exclusion of more than half the pretraining examples."""
-    n, m = len(data.excluded_ids), len(data.keep)
-    if 2 * n > m:
-        what = f"--exclude removes {n} of {m} pretraining examples (more than half)"
-        if not yes:
-            raise RunInputError(f"{what}; pass --yes if that is intended")
-        echo(f"WARNING: {what}; going ahead (--yes)")
+    """Refuse (unless ``yes``) an exclusion of more than half the pretraining examples or of
+    more than half the finetuning training examples."""
+    n_ft = len(data.excluded_finetune_ids)
+    checks = [(len(data.excluded_ids), len(data.keep), "--exclude", "pretraining"),
+              (n_ft, len(data.finetune_train) + n_ft, "--exclude-finetune",
+               "finetuning training")]
+    for n, m, option, kind in checks:
+        if 2 * n > m:
+            what = f"{option} removes {n} of {m} {kind} examples (more than half)"
+            if not yes:
+                raise RunInputError(f"{what}; pass --yes if that is intended")
+            echo(f"WARNING: {what}; going ahead (--yes)")
 
 
 def build_task(data: PreparedData, device: torch.device | str | None = None) -> TwoStageTask:
@@ -285,8 +313,12 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
         alpha: float | None = None, exclude_ids: Sequence[str] = (), overwrite: bool = False,
         echo: Callable[[str], None] = print, world: DistContext | None = None,
         device: str | None = None, yes: bool = False, parent: dict[str, str] | None = None,
-        progress_file: str | Path | None = None) -> Path:
+        progress_file: str | Path | None = None,
+        exclude_finetune_ids: Sequence[str] = ()) -> Path:
     """Train, evaluate, score and map; write the run atomically to ``out_dir``.
+
+    ``exclude_ids`` / ``exclude_finetune_ids``: pretraining / finetuning training examples left
+    out of training (both recorded in the manifest).
 
     ``device`` overrides the config's ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
     Excluding more than half the pretraining examples is refused before training unless
@@ -312,7 +344,7 @@ def run(config_path: str | Path, out_dir: str | Path, *, scenario: str | None = 
     pf.start("load", "loading the data, checking the settings")
     cfg = load_config(config_path).with_overrides(scenario=scenario, alpha=alpha, device=device)
     run_on = run_device(cfg, world)   # before the data: a missing GPU fails at once
-    data = prepare_data(cfg, exclude_ids)
+    data = prepare_data(cfg, exclude_ids, exclude_finetune_ids)
     check_exclusion_share(data, yes, echo)
     task = build_task(data, run_on)
     # Everything that can be checked is checked before training: each stage's solver against
@@ -344,7 +376,9 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     phase("load", t0)
     pf.start("pretrain", "pretraining")
     echo(f"data: {int(data.keep.sum())} pretraining examples "
-         f"({len(data.excluded_ids)} excluded), {len(data.finetune_train)} finetuning, "
+         f"({len(data.excluded_ids)} excluded), {len(data.finetune_train)} finetuning"
+         + (f" ({len(data.excluded_finetune_ids)} excluded)" if data.excluded_finetune_ids
+            else "") + ", "
          f"{len(data.finetune_test)} test; {task.u_layout.numel + task.w_layout.numel} "
          f"pretraining parameters, scenario {task.scenario}"
          + (f"; {world.world_size} ranks ({world.backend})" if world.distributed else ""))
@@ -415,17 +449,21 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
     with torch.no_grad():
         f_pre = gather_rows(_by_rows(lambda r: task.features(fit.backbone_pre, own_x[r]),
                                      len(own_x)), world, shard)
-    pre_xy = test_xy = None
+    pre_xy = test_xy = ft_xy = None
     with guarded(world, "computing the map"):
         if main:    # one map of all examples, on rank 0
             with torch.no_grad():
                 x_rows = x_test[rows]
                 f_test = to_host(_by_rows(lambda r: task.features(fit.backbone_pre, x_rows[r]),
                                           len(x_rows)))
+                ft_x = task.finetune_data[0]
+                f_ft = (to_host(_by_rows(lambda r: task.features(fit.backbone_pre, ft_x[r]),
+                                         len(ft_x)))
+                        if cfg.influence.finetune_influence else None)
             echo(f"map: {cfg.map.method} of backbone features")
-            pre_xy, test_xy = map_coordinates(to_host(f_pre), f_test, method=cfg.map.method,
-                                              n_neighbors=cfg.map.n_neighbors,
-                                              min_dist=cfg.map.min_dist, seed=cfg.seed)
+            pre_xy, test_xy, ft_xy = map_coordinates(
+                to_host(f_pre), f_test, method=cfg.map.method, n_neighbors=cfg.map.n_neighbors,
+                min_dist=cfg.map.min_dist, seed=cfg.seed, finetune_features=f_ft)
     phase("map", t0)
     score_arrays = {name: to_host(getattr(scores, name)) for name in artifacts.SCORE_NAMES}
     if world.distributed:   # every rank writes its own columns into rank 0's score files
@@ -442,7 +480,8 @@ def _run(cfg: RunConfig, config_path: str | Path, data: PreparedData, task: TwoS
                      "(finetuning stage only)")
                 finetune_section = write_finetune_artifacts(
                     staging.path, task, fit, x_test[rows], y_test[rows], args, ft.ids, ft.y,
-                    extra_columns=render_column(cfg, ft, np.arange(len(ft))),
+                    extra_columns={**render_column(cfg, ft, np.arange(len(ft))),
+                                   "map_x": ft_xy[:, 0], "map_y": ft_xy[:, 1]},
                     progress=pf.tee(Progress("finetuning-example gradients"),
                                     "finetuning-example gradients"))
         phase("finetune_influence", t0)
@@ -482,7 +521,8 @@ def task_from_run(run: artifacts.Run, device: torch.device | str = "cpu"
             raise artifacts.RunError(
                 f"input file {getattr(cfg.data, key)} changed since run {run.path} was made; "
                 "re-run `python -m engine run` first")
-    data = prepare_data(cfg, run.manifest.get("excluded_ids", []))
+    data = prepare_data(cfg, run.manifest.get("excluded_ids", []),
+                        run.manifest.get("excluded_finetune_ids", []))
     task = build_task(data, device)
     arrays = artifacts.load_model_arrays(run)
     dtype = DTYPES[cfg.dtype]

@@ -130,6 +130,7 @@ def write_outputs(cfg: RunConfig, config_path: str | Path, data: PreparedData,
                     "finetune": [str(c) for c in data.finetune_train.classes]},
         "render": render_spec(cfg),
         "excluded_ids": data.excluded_ids,
+        "excluded_finetune_ids": data.excluded_finetune_ids,
         "input_hashes": {k: artifacts.sha256_file(Path(getattr(cfg.data, k)))
                          for k in ("pretrain", "finetune_train", "finetune_test")},
         "versions": versions(),

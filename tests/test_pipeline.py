@@ -76,6 +76,41 @@ def test_unknown_excluded_id_is_an_error(small_config, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_exclude_finetune_refits_without_them_as_their_scores_predict(small_config, small_run,
+                                                                      tmp_path):
+    """--exclude-finetune drops finetuning training examples (pretraining untouched); the
+    actual change of every test loss follows the sum of their finetuning-data scores."""
+    r = artifacts.load_run(small_run)
+    worst = r.finetune_examples.example_id.to_numpy()[np.argsort(r.finetune_scores.sum(0))[:3]]
+    ids = tmp_path / "ft_ids.txt"
+    ids.write_text("\n".join(worst) + "\n")
+    out = tmp_path / "ft_excl"
+    assert cli_main(["run", str(small_config), "--out", str(out),
+                     "--exclude-finetune", str(ids)]) == 0
+    ex = artifacts.load_run(out)
+    assert ex.n_pretrain == r.n_pretrain and ex.manifest["excluded_ids"] == []
+    assert ex.manifest["excluded_finetune_ids"] == list(worst)
+    assert len(ex.finetune_examples) == len(r.finetune_examples) - 3
+    assert not set(worst) & set(ex.finetune_examples.example_id)
+    np.testing.assert_allclose(artifacts.load_model_arrays(ex)["backbone_pre"],
+                               artifacts.load_model_arrays(r)["backbone_pre"], atol=1e-8)
+    cols = np.flatnonzero(np.isin(r.finetune_examples.example_id, worst))
+    predicted = r.finetune_scores[:, cols].sum(1)
+    actual = ex.test_points["loss"].to_numpy() - r.test_points["loss"].to_numpy()
+    assert np.corrcoef(predicted, actual)[0, 1] > 0.9
+    assert predicted.sum() < 0 and actual.sum() < 0   # the most harmful ones, overall
+
+
+def test_unknown_excluded_finetune_id_is_an_error(small_config, tmp_path, capsys):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("pre-0001\n")
+    assert cli_main(["run", str(small_config), "--out", str(tmp_path / "x"),
+                     "--exclude-finetune", str(ids)]) == 2
+    err = capsys.readouterr().err
+    assert "pre-0001" in err and "not finetuning training example ids" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_existing_output_is_not_overwritten_without_flag(small_config, small_run):
     with pytest.raises(artifacts.RunError, match="already exists"):
         run(small_config, small_run, echo=lambda s: None)
