@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dashboard.run_details import class_names
-from dashboard.what_if import removal_prediction
+from dashboard.what_if import finetune_removal_prediction, removal_prediction
 from engine.artifacts import Run
 
 STATUSES = ("fixed", "broken", "unchanged")
@@ -35,7 +35,9 @@ class Comparison:
 
     ``points`` has one row per common test point (in ``before``'s order): test_id, label,
     pred_before, pred_after, correct_before, correct_after, loss_before, loss_after,
-    measurement_before, measurement_after, actual_change, predicted_change,
+    measurement_before, measurement_after, actual_change, predicted_change (=
+    predicted_pretraining_data + predicted_finetuning_data: the removed pretraining examples'
+    scores plus the removed finetuning examples' finetuning-data scores),
     predicted_pretrained_term, predicted_finetuned_term, status (``fixed`` / ``broken`` /
     ``unchanged``).  Correlations are NaN when undefined (fewer than 3 points, or constant).
     """
@@ -45,6 +47,7 @@ class Comparison:
     reordered: bool
     relation: str
     removed_ids: list[str]
+    removed_finetune_ids: list[str]   # finetuning training examples the after run left out
     added_ids: list[str]
     notes: list[str]
     points: pd.DataFrame
@@ -201,6 +204,13 @@ def _status(correct_before: np.ndarray, correct_after: np.ndarray) -> np.ndarray
     return status
 
 
+def _removed_finetune(before: Run, after: Run) -> list[str]:
+    """Finetuning training ids ``after`` excluded beyond ``before`` (manifests)."""
+    ex_b = {str(i) for i in before.manifest.get("excluded_finetune_ids") or []}
+    return [str(i) for i in after.manifest.get("excluded_finetune_ids") or []
+            if str(i) not in ex_b]
+
+
 def compare_runs(before: Run, after: Run) -> Comparison:
     """Compare ``before`` and ``after`` (the parent is put first automatically, see
     :func:`parent_first`); raises :class:`IncompatibleRunsError` listing
@@ -222,7 +232,12 @@ def compare_runs(before: Run, after: Run) -> Comparison:
         notes.append(f"{after.path.name} has {len(added)} pretraining examples that "
                      f"{before.path.name} does not; {before.path.name}'s scores cannot predict "
                      "their effect, so the prediction covers only the removed examples")
-    if not removed:
+    removed_ft = _removed_finetune(before, after)
+    if removed_ft and before.finetune_scores is None:
+        notes.append(f"{len(removed_ft)} finetuning examples were removed but "
+                     f"{before.path.name} has no finetuning-data scores: the prediction "
+                     "covers only the removed pretraining examples")
+    if not removed and not removed_ft:
         notes.append("no pretraining example was removed: the predicted change is zero")
 
     tid_b, tid_a = _ids(before.test_points, "test_id"), _ids(after.test_points, "test_id")
@@ -239,6 +254,8 @@ def compare_runs(before: Run, after: Run) -> Comparison:
     # scored in ``before``; NaN stays possible for non-finite sums.
     predicted = {name: removal_prediction(before, removed, name)[rows_b]
                  for name in ("total", "pretrained_term", "finetuned_term")}
+    # Removed finetuning examples add their finetuning-data scores (first order, additive).
+    predicted_ft = finetune_removal_prediction(before, removed_ft)[rows_b]
     cb = tb["correct"].to_numpy(dtype=bool)
     ca = ta["correct"].to_numpy(dtype=bool)
     points = pd.DataFrame({
@@ -249,7 +266,9 @@ def compare_runs(before: Run, after: Run) -> Comparison:
         "loss_after": ta["loss"].to_numpy(dtype=float),
         "measurement_before": meas_b, "measurement_after": meas_a,
         "actual_change": meas_a - meas_b,
-        "predicted_change": predicted["total"],
+        "predicted_change": predicted["total"] + predicted_ft,
+        "predicted_pretraining_data": predicted["total"],
+        "predicted_finetuning_data": predicted_ft,
         "predicted_pretrained_term": predicted["pretrained_term"],
         "predicted_finetuned_term": predicted["finetuned_term"],
         "status": _status(cb, ca),
@@ -262,7 +281,8 @@ def compare_runs(before: Run, after: Run) -> Comparison:
     names = _finetune_classes(before) or class_names(before, "finetune")
     return Comparison(
         before=before, after=after, reordered=swapped, relation=how,
-        removed_ids=removed, added_ids=added, notes=notes, points=points, class_names=names,
+        removed_ids=removed, removed_finetune_ids=removed_ft, added_ids=added, notes=notes,
+        points=points, class_names=names,
         accuracy_before=float(cb.mean()), accuracy_after=float(ca.mean()),
         confusion_before=confusion_counts(points["label"], points["pred_before"], names),
         confusion_after=confusion_counts(points["label"], points["pred_after"], names),

@@ -97,10 +97,12 @@ def _persist_edits(editor_key: str, ids: Sequence[str], store: FlagStore, run_id
 
 def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: dict,
                 key: str, test_id: str | None, height: int | str = "auto",
-                style: Callable[[pd.DataFrame], Any] | None = None) -> None:
+                style: Callable[[pd.DataFrame], Any] | None = None,
+                stage: str = "pretrain") -> None:
     """Editable table: ``display`` plus a leading ``flagged`` checkbox column taken from
     ``frame["flagged"]`` (same row order as ``display``).  ``style`` (optional) turns the
-    table into a pandas Styler; its colours apply to the read-only columns only."""
+    table into a pandas Styler; its colours apply to the read-only columns only.  ``stage``:
+    which flag store the boxes write to (pretraining or finetuning examples)."""
     ids = tuple(frame["example_id"])
     flagged = frame["flagged"].to_numpy(dtype=bool)
     signature = hashlib.sha1(repr((run.run_id, ids, flagged.tobytes())).encode()).hexdigest()
@@ -114,7 +116,7 @@ def flag_editor(run: Run, frame: pd.DataFrame, display: pd.DataFrame, config: di
         column_config=config, height=height,
         disabled=[c for c in table.columns if c != "flagged"], row_height=40,
         on_change=_persist_edits,
-        args=(editor_key, ids, session.flag_store(run), run.run_id, test_id))
+        args=(editor_key, ids, session.flag_store(run, stage), run.run_id, test_id))
 
 
 def _flag_all(store: FlagStore, run_id: str, ids: Sequence[str], test_id: str | None) -> None:

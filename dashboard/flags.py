@@ -28,6 +28,10 @@ import pandas as pd
 
 REASONS = ("label noise", "off-task", "duplicate", "other")
 FLAGS_FILE = "flags.sqlite"
+#: Flags of FINETUNING training examples: a second store of the same schema, so ids of the two
+#: pools never collide (a finetuning id may equal a pretraining id) and old stores stay valid.
+FINETUNE_FLAGS_FILE = "finetune_flags.sqlite"
+STAGES = ("pretrain", "finetune")
 BUSY_TIMEOUT_MS = 30_000
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEADER_SIZE = 100
@@ -68,9 +72,13 @@ class FlagStoreError(Exception):
     to do."""
 
 
-def flag_store_path(run_dir: str | Path) -> Path:
-    """Where the flags of the run at ``run_dir`` are stored: beside it, never inside it."""
-    return Path(run_dir).resolve().parent / FLAGS_FILE
+def flag_store_path(run_dir: str | Path, stage: str = "pretrain") -> Path:
+    """Where the flags of the run at ``run_dir`` are stored: beside it, never inside it;
+    ``stage`` ``"pretrain"`` (pretraining examples) or ``"finetune"`` (finetuning examples)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    name = FLAGS_FILE if stage == "pretrain" else FINETUNE_FLAGS_FILE
+    return Path(run_dir).resolve().parent / name
 
 
 def _now() -> str:
@@ -128,7 +136,8 @@ def _run_id(run_id: str) -> str:
 
 
 class FlagStore:
-    """Flags of pretraining examples, persisted in one SQLite file shared by all runs beside it.
+    """Flags of pretraining (or, in its own file, finetuning) examples, persisted in one SQLite
+    file shared by all runs beside it.
 
     ``required``: the file must exist (a path given explicitly, e.g. ``--flags-db``); reading a
     missing file then raises :class:`FlagStoreError` instead of meaning "no flags".
@@ -139,9 +148,9 @@ class FlagStore:
         self.required = required
 
     @classmethod
-    def beside_run(cls, run_dir: str | Path) -> FlagStore:
-        """The store used for the run at ``run_dir``."""
-        return cls(flag_store_path(run_dir))
+    def beside_run(cls, run_dir: str | Path, stage: str = "pretrain") -> FlagStore:
+        """The store used for the run at ``run_dir`` (``stage``: see :func:`flag_store_path`)."""
+        return cls(flag_store_path(run_dir, stage))
 
     def _error(self, what: str, advice: str = _DAMAGED_ADVICE) -> FlagStoreError:
         return FlagStoreError(_one_line(f"flag store {self.path}: {what}; {advice}"))

@@ -41,6 +41,7 @@ from engine.ids_file import IdsFormatError, ids_text
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOBS_FILE = "jobs.sqlite"
 JOBS_DIR = ".jobs"
+FINETUNE_IDS_FILE = "excluded_finetune_ids.txt"
 ACTIVE = ("queued", "running")
 STATUSES = (*ACTIVE, "succeeded", "failed", "cancelled")
 DISAPPEARED = "the job's process disappeared (server machine restarted or process killed)"
@@ -157,6 +158,14 @@ def exclusion(manifest: dict[str, Any], flagged_ids: Collection[str]) -> tuple[l
     flagged = list(flagged_ids) if isinstance(flagged_ids, (list, tuple)) else sorted(flagged_ids)
     ids = list(dict.fromkeys([*before, *flagged]))
     return ids, int(manifest["shapes"]["n_pretrain"]) + len(before)
+
+
+def finetune_exclusion(manifest: dict[str, Any], flagged_ids: Collection[str]) -> list[str]:
+    """The finetuning training ids a retrain of the run excludes (the run's own, then the
+    flagged ones)."""
+    before = [str(i) for i in manifest.get("excluded_finetune_ids") or []]
+    flagged = list(flagged_ids) if isinstance(flagged_ids, (list, tuple)) else sorted(flagged_ids)
+    return list(dict.fromkeys([*before, *flagged]))
 
 
 class JobStore:
@@ -340,9 +349,12 @@ class JobStore:
         return name
 
     def start_retrain(self, parent_run_dir: str | Path, excluded_ids: Collection[str],
-                      child_name: str | None = None, user: str = "", yes: bool = False) -> Job:
+                      child_name: str | None = None, user: str = "", yes: bool = False,
+                      excluded_finetune_ids: Collection[str] = ()) -> Job:
         """Start retraining the run at ``parent_run_dir`` without ``excluded_ids`` (and
         without what it already excluded) into ``<runs dir>/<child_name>``; returns at once.
+        ``excluded_finetune_ids``: finetuning training examples to leave out as well
+        (``--exclude-finetune``, with the run's own finetuning exclusions).
 
         Refused (:class:`JobError`): another job of the same run is queued or running, the
         child directory exists, the name is not a plain directory name, no ids, or more than
@@ -353,11 +365,13 @@ class JobStore:
             manifest = read_manifest(parent)
         except RunError as exc:
             raise JobError(_one_line(f"cannot retrain {parent.name}: {exc}")) from None
-        if not excluded_ids:
+        if not excluded_ids and not excluded_finetune_ids:
             raise JobError("no examples are flagged: flag the examples to leave out first")
         ids, m = exclusion(manifest, excluded_ids)
+        ft_ids = finetune_exclusion(manifest, excluded_finetune_ids)
         try:
             text = ids_text(ids)
+            ft_text = ids_text(ft_ids)
         except IdsFormatError as exc:
             raise JobError(_one_line(exc)) from None
         if 2 * len(ids) > m and not yes:
@@ -369,13 +383,16 @@ class JobStore:
                            "missing; retrain it with `python -m engine run` by hand")
         self.refresh()
         child = check_child_name(child_name or self.default_child_name(
-            parent.name, len(set(excluded_ids))))
+            parent.name, len(set(excluded_ids)) + len(set(excluded_finetune_ids))))
         job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         jdir = self.runs_dir / JOBS_DIR / job_id
         out = self.runs_dir / child
         command = [sys.executable, "-m", "engine", "run", config, "--out", str(out),
-                   "--exclude", str(jdir / "excluded_ids.txt"), "--parent", str(parent),
-                   "--progress-file", str(jdir / "progress.jsonl")]
+                   "--parent", str(parent), "--progress-file", str(jdir / "progress.jsonl")]
+        if ids:
+            command += ["--exclude", str(jdir / "excluded_ids.txt")]
+        if ft_ids:
+            command += ["--exclude-finetune", str(jdir / FINETUNE_IDS_FILE)]
         if manifest.get("scenario"):
             command += ["--scenario", str(manifest["scenario"])]
         if manifest.get("alpha") is not None:
@@ -397,7 +414,8 @@ class JobStore:
                                "overwritten)")
             conn.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
                          f"({', '.join('?' * len(_COLUMNS))})",
-                         (job_id, parent.name, str(manifest["run_id"]), child, len(ids),
+                         (job_id, parent.name, str(manifest["run_id"]), child,
+                          len(ids) + len(ft_ids),
                           str(jdir / "excluded_ids.txt"), config, json.dumps(command), None,
                           None, None, None, "queued", time.time(), None, None, None, "",
                           str(jdir / "log.txt"), str(jdir / "progress.jsonl"), str(user or ""),
@@ -405,6 +423,8 @@ class JobStore:
         try:
             jdir.mkdir(parents=True)
             (jdir / "excluded_ids.txt").write_text(text, encoding="utf-8")
+            if ft_ids:
+                (jdir / FINETUNE_IDS_FILE).write_text(ft_text, encoding="utf-8")
             with open(jdir / "log.txt", "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "dashboard.job_runner", "--db", str(self.path),
@@ -453,9 +473,11 @@ def _env() -> dict[str, str]:
 
 def start_retrain(runs_dir: str | Path, parent_run_dir: str | Path,
                   excluded_ids: Collection[str], child_name: str | None = None,
-                  user: str = "", yes: bool = False) -> Job:
+                  user: str = "", yes: bool = False,
+                  excluded_finetune_ids: Collection[str] = ()) -> Job:
     """:meth:`JobStore.start_retrain` of the store of ``runs_dir``."""
-    return JobStore(runs_dir).start_retrain(parent_run_dir, excluded_ids, child_name, user, yes)
+    return JobStore(runs_dir).start_retrain(parent_run_dir, excluded_ids, child_name, user, yes,
+                                            excluded_finetune_ids)
 
 
 def cancel(runs_dir: str | Path, job_id: str) -> Job:

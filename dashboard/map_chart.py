@@ -137,3 +137,41 @@ def influence_map(shown: pd.DataFrame, greyed: pd.DataFrame, xy: np.ndarray,
         yaxis=dict(showticklabels=False, range=list(scales.y_range), autorange=False,
                    zeroline=False))
     return go.Figure(data=traces, layout=layout)
+
+
+def finetune_map(frame: pd.DataFrame, pretrain_xy: np.ndarray,
+                 test_xy: tuple[float, float] | None, test_id: str, scales: MapScales,
+                 bound: float) -> go.Figure:
+    """The finetuning examples (``frame``: ``map_x``, ``map_y``, ``example_id``,
+    ``label_name``, ``score``, ``flagged``) on the run's map, coloured by their finetuning-data
+    score (same diverging scale, range +-``bound`` from the whole row), over the pretraining
+    examples in grey; flagged ones ringed; axes fixed as on the pretraining map."""
+    pre = np.asarray(pretrain_xy, dtype=float).reshape(-1, 2)
+    flagged = frame["flagged"].to_numpy(dtype=bool)
+    traces: list = [go.Scattergl(x=pre[:, 0], y=pre[:, 1], mode="markers",
+                                 name="pretraining examples", hoverinfo="skip",
+                                 marker=dict(color=GREY, size=3, opacity=0.5))]
+    custom = np.column_stack([frame["example_id"].astype(str), frame["label_name"].astype(str),
+                              [f"{v:.3e}" for v in frame["score"]]])
+    traces.append(go.Scatter(
+        x=frame["map_x"], y=frame["map_y"], mode="markers", name="finetuning examples",
+        customdata=custom,
+        hovertemplate="%{customdata[0]} · label %{customdata[1]}<br>score %{customdata[2]}"
+                      "<extra></extra>",
+        marker=dict(color=frame["score"], colorscale=DIVERGING_SCALE, cmid=0,
+                    cmin=-bound, cmax=bound, size=9, symbol="diamond",
+                    line=dict(width=np.where(flagged, 2.5, 0.5).tolist(),
+                              color=np.where(flagged, FLAGGED_COLOR, "#555").tolist()),
+                    colorbar=dict(title="score", thickness=12))))
+    if test_xy is not None:
+        traces.append(go.Scatter(
+            x=[test_xy[0]], y=[test_xy[1]], mode="markers", name=f"test point {test_id}",
+            hoverinfo="name", marker=dict(symbol="star", size=18, color="#111",
+                                          line=dict(width=1.5, color="#ffd700"))))
+    return go.Figure(data=traces, layout=dict(
+        height=380, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=-0.05),
+        uirevision=f"ftmap-{test_id}",
+        xaxis=dict(showticklabels=False, range=list(scales.x_range), autorange=False,
+                   zeroline=False),
+        yaxis=dict(showticklabels=False, range=list(scales.y_range), autorange=False,
+                   zeroline=False)))

@@ -55,12 +55,14 @@ def _cancel(runs_dir: Path, job_id: str) -> None:
         st.session_state[ERROR_KEY] = f"Could not cancel job {job_id}: {exc}"
 
 
-def _start(runs_dir: Path, parent: Path, flagged: list[str], user: str) -> None:
+def _start(runs_dir: Path, parent: Path, flagged: list[str], user: str,
+           flagged_finetune: list[str]) -> None:
     """The start button's callback: runs before the page, so the page shows the new job."""
     name = str(st.session_state.get(NAME_KEY) or "").strip() or None
     try:
         JobStore(runs_dir).start_retrain(parent, flagged, name, user,
-                                         bool(st.session_state.get(CONFIRM_KEY)))
+                                         bool(st.session_state.get(CONFIRM_KEY)),
+                                         flagged_finetune)
     except (JobError, OSError) as exc:
         st.session_state[START_ERROR_KEY] = f"Could not start the retrain: {exc}"
 
@@ -127,41 +129,45 @@ def _history(jobs: list[Job]) -> None:
             "message": [j.message for j in jobs]}), hide_index=True, key="retrain_jobs_table")
 
 
-def retrain_panel(run: Run, flagged_ids: Collection[str], runs_dir: Path, user: str = "") -> None:
+def retrain_panel(run: Run, flagged_ids: Collection[str], runs_dir: Path, user: str = "",
+                  flagged_finetune_ids: Collection[str] = ()) -> None:
     """Start, follow and cancel "retrain without the flagged examples" for ``run``.
 
-    ``flagged_ids``: the run's flagged example ids; ``runs_dir``: where the new run and
-    ``jobs.sqlite`` go; ``user``: recorded with the job.
+    ``flagged_ids``: the run's flagged pretraining example ids; ``flagged_finetune_ids``: its
+    flagged finetuning example ids (``--exclude-finetune``); ``runs_dir``: where the new run
+    and ``jobs.sqlite`` go; ``user``: recorded with the job.
     """
     store = JobStore(runs_dir)
     parent = run.path.name
     try:
         jobs = store.jobs(parent)
-        default = store.default_child_name(parent, len(flagged_ids))
+        default = store.default_child_name(parent, len(flagged_ids) + len(flagged_finetune_ids))
     except JobError as exc:
         st.error(f"Cannot read retrain jobs: {exc}", icon=":material/error:")
         return
     job = next((j for j in jobs if j.active), jobs[0] if jobs else None)
     busy = job is not None and job.active
     ids, m = exclusion(run.manifest, flagged_ids)
-    n = len(flagged_ids)
+    n, n_ft = len(flagged_ids), len(flagged_finetune_ids)
+    what = (f"{n} flagged examples" if not n_ft else f"{n} flagged pretraining and {n_ft} "
+            "flagged finetuning examples")
     if st.session_state.get(_DEFAULT_KEY) != default or NAME_KEY not in st.session_state:
         st.session_state[_DEFAULT_KEY] = st.session_state[NAME_KEY] = default   # a new default
     st.text_input("New run name (a directory in the runs directory)", key=NAME_KEY,
                          disabled=busy)
     before = len(ids) - n
     st.caption(f"Runs `python -m engine run` on this run's config in the background, without "
-               f"the {n} flagged examples" + (f" and the {before} this run already excluded"
+               f"the {what}" + (f" and the {before} this run already excluded"
                                               if before else "")
                + "; the new run records this run as its parent. You can leave the page.")
     yes = False
     if 2 * len(ids) > m:
         yes = st.checkbox(f"Yes, retrain without {len(ids)} of the {m} pretraining examples "
                           "(more than half)", key=CONFIRM_KEY, disabled=busy)
-    st.button(f"Retrain without the {n} flagged examples", key=START_KEY, type="primary",
-              disabled=busy or n == 0 or (2 * len(ids) > m and not yes),
+    st.button(f"Retrain without the {what}", key=START_KEY, type="primary",
+              disabled=busy or n + n_ft == 0 or (2 * len(ids) > m and not yes),
               icon=":material/model_training:", on_click=_start,
-              args=(runs_dir, run.path, sorted(flagged_ids), user))
+              args=(runs_dir, run.path, sorted(flagged_ids), user, sorted(flagged_finetune_ids)))
     error = st.session_state.pop(START_ERROR_KEY, None)
     if error:
         st.error(md_escape(error), icon=":material/error:")

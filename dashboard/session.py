@@ -288,9 +288,10 @@ def follow_page_request() -> None:
         st.switch_page(target, query_params={})
 
 
-def flag_store(run: Run) -> FlagStore:
-    """The flag store beside the run directory."""
-    return FlagStore.beside_run(run.path)
+def flag_store(run: Run, stage: str = "pretrain") -> FlagStore:
+    """The flag store beside the run directory (``stage``: pretraining or finetuning
+    examples)."""
+    return FlagStore.beside_run(run.path, stage)
 
 
 def user_name() -> str:

@@ -77,6 +77,25 @@ def removal_prediction(run: Run, example_ids: Collection[str], score: str = "tot
     return _column_sum(run.scores[score], removal_columns(run, example_ids))
 
 
+def finetune_columns(run: Run, example_ids: Collection[str]) -> np.ndarray:
+    """Column indices of ``run.finetune_scores`` (rows of ``run.finetune_examples``) of those
+    ids that are finetuning examples of the run; empty when the run has none."""
+    wanted = {str(e) for e in example_ids}
+    if run.finetune_examples is None or not wanted:
+        return np.zeros(0, dtype=np.int64)
+    ids = run.finetune_examples["example_id"].astype(str).to_numpy()
+    return np.flatnonzero(np.isin(ids, list(wanted)))
+
+
+def finetune_removal_prediction(run: Run, example_ids: Collection[str]) -> np.ndarray:
+    """Predicted change of every scored test point's measurement if the finetuning examples
+    ``example_ids`` are removed (finetuning stage retrained): the sum of their columns of
+    ``run.finetune_scores`` (zeros when the run has no finetuning-data influence)."""
+    if run.finetune_scores is None:
+        return np.zeros(run.n_test, dtype=np.float64)
+    return _column_sum(run.finetune_scores, finetune_columns(run, example_ids))
+
+
 def point_prediction(run: Run, example_ids: Collection[str], test_row: int) -> dict[str, float]:
     """The what-if of one test point (a row of ``run.test_points``): ``measurement``,
     ``predicted_change`` (and per term) and ``predicted_after``.  Reads only that row of each

@@ -180,8 +180,11 @@ def _point_table(cmp: Comparison, part: pd.DataFrame) -> tuple[pd.DataFrame, dic
 
 def _header(cmp: Comparison, current: str) -> None:
     b, a = cmp.before.path.name, cmp.after.path.name
+    n_ft = len(cmp.removed_finetune_ids)
     st.subheader(f"{md_code(b)} → {md_code(a)}: {len(cmp.removed_ids):,} pretraining "
-                 f"example{'s' if len(cmp.removed_ids) != 1 else ''} removed")
+                 f"example{'s' if len(cmp.removed_ids) != 1 else ''}"
+                 + (f" and {n_ft:,} finetuning example{'s' if n_ft != 1 else ''}" if n_ft
+                    else "") + " removed")
     measured = cmp.before.manifest.get("measurement", "loss")
     st.caption(f"{md_escape(cmp.relation, limit=400)} · compared on {len(cmp.points):,} common "
                f"test points · measurement {md_code(measured)}")

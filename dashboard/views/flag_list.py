@@ -1,5 +1,6 @@
 """Every flag of the run (who / when / why / from which test point), unflagging, and exports of
-the flagged set and of the pretraining set minus the flagged examples."""
+the flagged set and of the pretraining set minus the flagged examples; flagged finetuning
+examples in their own section (:mod:`dashboard.finetune_flags_panel`), included in the retrain."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import streamlit as st
 from dashboard import flag_selection, session
 from dashboard.example_display import example_links, test_links, thumbnails
 from dashboard.export_panel import export_buttons
+from dashboard.finetune_flags_panel import finetune_flags_panel
 from dashboard.flag_controls import guarded_read, guarded_write, show_store_error
 from dashboard.md_escape import md_code, md_escape
 from dashboard.retrain_panel import retrain_panel
@@ -95,9 +97,11 @@ else:
         st.dataframe(guarded_read(store.history, run.run_id), hide_index=True, key="flag_history")
 
 what_if_summary(run, flagged_now)
+flagged_finetune = finetune_flags_panel(run)
 
 st.subheader("Retrain without the flagged examples")
-retrain_panel(run, flagged_now, session.runs_dir(), user=session.user_name())
+retrain_panel(run, flagged_now, session.runs_dir(), user=session.user_name(),
+              flagged_finetune_ids=flagged_finetune)
 
 st.subheader("Export")
 test_id = str(st.session_state.get(session.TEST_KEY) or "").strip() or None

@@ -21,6 +21,7 @@ from dashboard.run_details import (
     task_description,
     unconverged_stages,
 )
+from dashboard.verdict_table import verdict_section
 
 run = session.current_run()
 manifest = run.manifest
@@ -196,3 +197,5 @@ else:
         target = o1.selectbox("Open a pretraining example here (links open a new tab)", listed,
                               key="ov_open_pick")
         o2.button("Open", key="ov_open", on_click=session.open_example, args=(target,))
+
+verdict_section(run)

@@ -1,6 +1,8 @@
 """Test point explorer: pick a test point (deep link ``?test_id=``), see the strongest
 evidence at a glance (thumbnails of its most harmful and most helpful pretraining examples
-beside the test image), then explore, flag and export it in the evidence section.
+beside the test image), then explore, flag and export it in the evidence section; below it,
+the finetuning examples that helped or hurt it (:mod:`dashboard.finetune_evidence`), with the
+verdict "pretraining vs finetuning data" for a misclassified point.
 
 The header (navigation, test image, probabilities, strips) is rebuilt only when the test point
 or the navigation changes; the evidence section (:mod:`dashboard.evidence`) is a fragment that
@@ -18,6 +20,7 @@ from dashboard.evidence import evidence_section
 from dashboard.evidence_data import point_data
 from dashboard.evidence_strip import evidence_strips
 from dashboard.example_display import show_payload
+from dashboard.finetune_evidence import finetune_point, finetune_section
 from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import class_names, label_name, probability_columns
 from dashboard.test_point_list import SUBSETS, list_test_points
@@ -118,9 +121,15 @@ with left:
     m1.metric("helpful examples", f"{scores.n_helpful:,}")
     m2.metric("harmful examples", f"{scores.n_harmful:,}")
     m3.metric("sum of total", f"{scores.total_sum:.3g}")
+    ft_point = finetune_point(run, row)
+    if ft_point is not None and not ok:
+        st.caption(f":material/call_split: {ft_point.verdict.sentence()} (first order; "
+                   "details under *Finetuning examples* below)")
 with right:
     evidence_strips(run, scores, ok)
 
 # --- evidence: filters, what-if, map, tables, charts, export (one fragment) --------------------
 st.divider()
 evidence_section(run, current, row, ok)
+st.divider()
+finetune_section(run, current, row, ok)
