@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--max-rounds", type=int, default=5,
                      help="training rounds per retrain until the tolerance is met; each "
                           "continues the last with twice the iterations")
+    val.add_argument("--source-column", metavar="COLUMN", default=None,
+                     help="also retrain without each whole group of this pretraining column "
+                          "(label or a metadata column) among the most harmful to the "
+                          "misclassified points (summary group.sources)")
+    val.add_argument("--source-groups", type=int, default=3,
+                     help="how many of the most harmful groups --source-column retrains")
     val.add_argument("--finetune-per-point", type=int, default=10,
                      help="finetuning-data influence check: top-N by |score| plus N random "
                           "finetuning examples per test point, each removed and the finetuning "

@@ -310,3 +310,36 @@ def test_digits_sample_reduced_validation(tmp_path, sample_run):
     k10 = summary["group"]["by_k"][0]
     assert k10["harmful"]["actual_change"] < k10["random"]["actual_change_min"]
     assert math.isfinite(summary["noise"]["methods"]["influence"]["auc"])
+
+
+def test_source_groups_are_retrained_whole(tiny, monkeypatch):
+    """--source-column: the most harmful label groups (recomputed here from the run's scores)
+    are removed whole and retrained; the summary has predicted beside actual for each."""
+    run = artifacts.load_run(tiny)
+    summary = validate(tiny, ValidationSettings(
+        per_point=1, group_sizes=(), workers=1, max_test_points=1, finetune_per_point=0,
+        source_column="label", source_groups=2), echo=quiet)
+    mis = np.flatnonzero(~run.test_points["correct"].to_numpy(dtype=bool))
+    total = np.asarray(run.scores["total"], dtype=np.float64)[mis]
+    labels = run.pretrain_examples["label"].astype(str).to_numpy()
+    effect = {g: total[:, labels == g].sum(1).mean() for g in np.unique(labels)}
+    expected = sorted((g for g in effect if effect[g] < 0), key=effect.get)[:2]
+    sources = summary["group"]["sources"]
+    assert [s["group"] for s in sources] == expected
+    for s in sources:
+        assert s["column"] == "label" and s["n_examples"] == int((labels == s["group"]).sum())
+        assert s["predicted_change"] == pytest.approx(effect[s["group"]], rel=1e-6)
+        assert np.isfinite(s["actual_change"])
+    # The Overview's harmful-sources table shows them beside the predicted effects.
+    from tests.apptest_pages import open_page
+
+    monkeypatch.setenv("INFLUENCE_RUNS_DIR", str(Path(tiny).parent))
+    at = open_page(None, {"run": Path(tiny).name})
+    table = next(d.value for d in at.dataframe if "actual (validation retrain)" in d.value.columns)
+    got = dict(zip(table["label"].astype(str), table["actual (validation retrain)"],
+                   strict=True))
+    names = artifacts.load_run(tiny).manifest["classes"]["pretrain"]
+    for s in sources:
+        assert got[str(names[int(s["group"])])] == pytest.approx(s["actual_change"])
+    with pytest.raises(ValidationError, match="--source-column 'nope'"):
+        validate(tiny, ValidationSettings(workers=1, source_column="nope"), echo=quiet)

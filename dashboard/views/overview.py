@@ -15,7 +15,9 @@ from dashboard.group_charts import BOOT_LEVEL, N_BOOT, group_effect_bars, group_
 from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import (
     confusion_matrix,
+    class_names,
     group_columns,
+    label_name,
     manifest_mapping,
     stage_rows,
     task_description,
@@ -42,7 +44,28 @@ def _ranked_sources(effects: dict[str, pd.DataFrame], column: str, run) -> pd.Da
         "predicted (all)": every.loc[mis.index, "total"].to_numpy(),
         "harmful (interval < 0)": (mis["total_high"] < 0).to_numpy(),
     })
+    actual = validated_source_effects(run, column)
+    if actual:
+        out["actual (validation retrain)"] = [actual.get(str(g), float("nan"))
+                                              for g in out[column]]
     return out   # label groups already carry class names (group_effects_cached)
+
+
+def validated_source_effects(run, column: str) -> dict[str, float]:
+    """Group name -> actual change of the misclassified points' mean measurement when
+    ``engine validate --source-column COLUMN`` retrained without the whole group (label groups
+    named by class, as in the chart); empty when validation has not retrained this column."""
+    group = (run.validation or {}).get("group") or {}
+    out = {}
+    names = class_names(run, "pretrain")
+    for src in group.get("sources") or []:
+        if src.get("column") != column or not _number(src.get("actual_change")):
+            continue
+        name = str(src["group"])
+        if column == "label" and name.lstrip("-").isdigit():
+            name = label_name(names, int(name))
+        out[name] = float(src["actual_change"])
+    return out
 metrics = manifest_mapping(run, "metrics")
 
 
@@ -173,7 +196,11 @@ ranked = _ranked_sources(effects, key, run)
 st.markdown("**Harmful sources, most harmful to the misclassified points first**")
 st.dataframe(ranked, hide_index=True, key="group_table", column_config={
     c: st.column_config.NumberColumn(format="%+.3e") for c in ranked.columns
-    if c.startswith(("predicted", "pretrained", "finetuned", "low", "high"))})
+    if c.startswith(("predicted", "pretrained", "finetuned", "low", "high", "actual"))})
+if "actual (validation retrain)" not in ranked.columns:
+    st.caption("No actual effects yet: `python -m engine validate RUN --source-column "
+               f"{md_escape(key)}` retrains without the most harmful groups and fills an "
+               "*actual* column here.")
 
 st.subheader("False transfer: pretraining examples behind the misclassified test points")
 if n_mis == 0:

@@ -140,6 +140,33 @@ def validate(run_dir: str | os.PathLike, settings: ValidationSettings | None = N
 
 
 
+def source_group_jobs(run: artifacts.Run, targeted_total: np.ndarray, column: str,
+                      n_groups: int) -> list[dict[str, Any]]:
+    """Group-removal jobs for the ``n_groups`` values of pretraining column ``column`` whose
+    removal is predicted to lower the targeted points' mean measurement most (mean over those
+    points of the group's summed scores < 0; groups holding every example are skipped)."""
+    table = run.pretrain_examples
+    if column not in table.columns:
+        usable = ["label"] + [c for c in (run.manifest.get("config", {}).get("data", {})
+                                          .get("metadata_columns") or []) if c in table.columns]
+        raise ValidationError(f"--source-column {column!r} is not a column of the run's "
+                              f"pretraining examples; use one of {usable}")
+    keys = table[column].astype(str).to_numpy()
+    codes, names = pd.factorize(keys, sort=True)
+    effect = np.zeros(len(names))
+    np.add.at(effect, codes, targeted_total.mean(0))
+    jobs = []
+    for g in np.argsort(effect, kind="stable"):
+        members = np.flatnonzero(codes == g)
+        if effect[g] >= 0 or len(jobs) >= n_groups:
+            break
+        if len(members) == len(keys):
+            continue
+        jobs.append({"kind": "source", "k": int(len(members)), "draw": 0,
+                     "removed": members.tolist(), "column": column, "group": str(names[g])})
+    return jobs
+
+
 def _validate(run_dir: Path, settings: ValidationSettings,
               echo: Callable[[str], None], world: DistContext) -> dict[str, Any] | None:
     t_all = time.perf_counter()
@@ -216,6 +243,10 @@ def _validate(run_dir: Path, settings: ValidationSettings,
                 group_jobs.append({"kind": "random", "k": k, "draw": d,
                                    "removed": sorted(rng.choice(m, size=k, replace=False)
                                                      .tolist())})
+
+    if len(targeted) and settings.source_column:
+        group_jobs += source_group_jobs(run, full_total[targeted], settings.source_column,
+                                        settings.source_groups)
 
     jobs = [(j,) for j in loo_examples] + [tuple(g["removed"]) for g in group_jobs]
     workers = min(settings.n_workers, len(jobs))
@@ -344,7 +375,9 @@ def main(ns: argparse.Namespace) -> None:
         tolerance=getattr(ns, "tolerance", 1e-10), max_iter=getattr(ns, "max_iter", 300),
         max_rounds=getattr(ns, "max_rounds", 5),
         finetune_per_point=getattr(ns, "finetune_per_point", 10),
-        finetune_test_points=getattr(ns, "finetune_test_points", 5))
+        finetune_test_points=getattr(ns, "finetune_test_points", 5),
+        source_column=getattr(ns, "source_column", None),
+        source_groups=getattr(ns, "source_groups", 3))
     world = init_from_env() if launched_by_torchrun() else None
     try:
         validate(ns.run_dir, settings, world=world)

@@ -128,6 +128,7 @@ def _group_section(ctx: _Context, settings: ValidationSettings, group_jobs: list
     rows = []
     for job, res in zip(group_jobs, results, strict=True):
         row = {"kind": job["kind"], "k": job["k"], "draw": job["draw"],
+               **({"column": job["column"], "group": job["group"]} if "group" in job else {}),
                "predicted_change": float(total[ctx.targeted][:, job["removed"]].sum(1).mean())}
         tail = {"removed_ids": " ".join(ex_ids[job["removed"]])}
         if "error" in res:
@@ -176,6 +177,15 @@ def _group_section(ctx: _Context, settings: ValidationSettings, group_jobs: list
         "n_test": int(len(label)),
         "by_k": table,
     }
+    if "group" in df.columns:   # --source-column: whole source groups removed
+        src = df[df["kind"] == "source"]
+        summary["sources"] = [
+            {"column": r["column"], "group": r["group"], "n_examples": int(r["k"]),
+             "predicted_change": float(r["predicted_change"]),
+             **({"actual_change": float(r["actual_change"]),
+                 "targeted_accuracy_after": float(r["targeted_accuracy_after"])}
+                if pd.notna(r.get("actual_change", np.nan)) else {"error": r.get("error")})}
+            for _, r in src.iterrows()]
     return df, summary
 
 

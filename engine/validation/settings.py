@@ -51,6 +51,10 @@ class ValidationSettings:
     # (0 skips it) for up to finetune_test_points misclassified points (or --test-points).
     finetune_per_point: int = 10
     finetune_test_points: int = 5
+    # Source groups: retrain without each of the source_groups groups of this pretraining
+    # column ("label" or a metadata column) most harmful to the misclassified points.
+    source_column: str | None = None
+    source_groups: int = 3
 
     def check(self) -> None:
         if self.per_point < 1:
@@ -71,6 +75,8 @@ class ValidationSettings:
         if self.finetune_per_point < 0:
             raise ValidationError("--finetune-per-point must be >= 0 (0 skips the check), got "
                                   f"{self.finetune_per_point}")
+        if self.source_groups < 1:
+            raise ValidationError(f"--source-groups must be >= 1, got {self.source_groups}")
         if self.finetune_test_points < 1:
             raise ValidationError("--finetune-test-points must be >= 1, got "
                                   f"{self.finetune_test_points}")
