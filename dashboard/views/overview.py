@@ -14,8 +14,8 @@ from dashboard.filters import most_harmful, most_helpful
 from dashboard.group_charts import BOOT_LEVEL, N_BOOT, group_effect_bars, group_effects_cached
 from dashboard.md_escape import md_code, md_escape
 from dashboard.run_details import (
-    confusion_matrix,
     class_names,
+    confusion_matrix,
     group_columns,
     label_name,
     manifest_mapping,
